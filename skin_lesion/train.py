@@ -1,0 +1,339 @@
+"""Training: profiles, the run folder, two-phase transfer learning, checkpoints and resume.
+
+A run folder (``runs/NAME/``) holds everything needed to rerun and to resume:
+``config.json``, ``split.csv``, ``history.csv``, ``last.keras`` (model and
+optimizer after every epoch), ``model.keras`` (best on validation balanced
+accuracy) and, after evaluation, ``metrics.json``. Killing a run and calling
+``train --resume`` continues from the last finished epoch with nothing lost.
+
+Pretrained models train in two phases: the head alone on a frozen backbone,
+then the top of the backbone with a lower learning rate (fine-tuning).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from skin_lesion.data import DataError, Dataset, fold_parts, load_dataset, make_split_table
+from skin_lesion.models import DEFAULT_SIZE, MODEL_NAMES, build_model, set_backbone_trainable
+from skin_lesion.pipeline import make_pipeline
+
+log = logging.getLogger("skin_lesion")
+
+# What each profile costs was measured on the 2-core machine (README, "Profiles").
+PROFILES: dict[str, dict] = {
+    # Minutes on 2 cores: tiny images, a few images per class, two epochs.
+    "smoke": dict(image_size=64, epochs=2, head_epochs=1, batch_size=16, max_per_class=20),
+    # About an hour on 2 cores on all of HAM10000.
+    "cpu": dict(epochs=14, head_epochs=2, batch_size=32, max_per_class=None),
+    # The full-size study on a GPU.
+    "gpu": dict(epochs=40, head_epochs=3, batch_size=64, max_per_class=None, unfreeze_from="all"),
+}
+# Per (model, profile) overrides: the CNN trains from scratch, so on 2 cores it
+# gets smaller images to fit the hour.
+MODEL_PROFILES: dict[tuple[str, str], dict] = {("cnn", "cpu"): dict(image_size=96, epochs=10, batch_size=32)}
+# Where fine-tuning starts, per model (the layer name), unless the config says otherwise.
+UNFREEZE_FROM: dict[str, str | None] = {"cnn": "all", "resnet50": "conv4_block1_1_conv", "efficientnet_lite0": "block8_expand_conv"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved as ``config.json`` so a run can be redone."""
+
+    model: str = "efficientnet_lite0"
+    profile: str = "cpu"
+    data: str | None = None
+    run: str = "runs/default"
+    image_size: int | None = None
+    epochs: int | None = None
+    head_epochs: int | None = None
+    batch_size: int | None = None
+    lr: float = 1e-3
+    finetune_lr: float = 3e-4
+    dropout: float = 0.3
+    imbalance: str = "oversample"
+    augment: float = 1.0
+    weights: str = "imagenet"
+    unfreeze_from: str | None = None
+    max_per_class: int | None = None
+    folds: int | None = None
+    fold: int | None = None
+    split_by: str = "lesion"
+    seed: int = 0
+    devices: int = 0  # >1: split the CPU into logical devices (tests MirroredStrategy)
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> TrainConfig:
+        """Fill unset fields from the profile and the model's defaults."""
+        if self.profile not in PROFILES:
+            raise DataError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        if self.model not in MODEL_NAMES:
+            raise DataError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        prof = {**PROFILES[self.profile], **MODEL_PROFILES.get((self.model, self.profile), {})}
+        out = TrainConfig(**asdict(self))
+        for key in ("epochs", "head_epochs", "batch_size", "max_per_class", "image_size", "unfreeze_from"):
+            if getattr(out, key) is None:
+                setattr(out, key, prof.get(key))
+        out.image_size = out.image_size or DEFAULT_SIZE[out.model]
+        out.unfreeze_from = out.unfreeze_from or UNFREEZE_FROM[out.model]
+        if out.model == "cnn" or out.weights == "none":
+            out.head_epochs = 0  # nothing pretrained to protect
+            out.unfreeze_from = "all"
+        out.head_epochs = min(out.head_epochs, out.epochs)
+        return out
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        """Read ``config.json`` (unknown keys are an error, naming the file)."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the run config ({e}); pass a config.json written by train or tune") from e
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise DataError(f"{path}: unknown config key(s) {unknown}")
+        return cls(**raw)
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def prepare_split(cfg: TrainConfig, ds: Dataset, run: Path) -> pd.DataFrame:
+    """Make (or reuse, on resume) the run's ``split.csv`` and return metadata with a ``split`` column."""
+    path = run / "split.csv"
+    if path.exists():
+        table = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    else:
+        meta = subsample(ds.meta, cfg.max_per_class, cfg.seed)
+        table = make_split_table(meta, folds=cfg.folds, seed=cfg.seed, by=cfg.split_by)
+        table.to_csv(path, index=False)
+    if "fold" in table and "split" not in table:
+        table["split"] = fold_parts(table, cfg.fold or 0, seed=cfg.seed).to_numpy()
+    meta = ds.meta.merge(table[["image_id", "split"]], on="image_id", how="inner")
+    if meta.empty:
+        raise DataError(f"{path}: its image_ids do not match the data folder {ds.root}; use a fresh --run folder")
+    return meta
+
+
+def subsample(meta: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:
+    """Keep whole lesions until each class has about ``max_per_class`` images (smoke runs)."""
+    if not max_per_class:
+        return meta
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, group in meta.groupby("dx"):
+        lesions = np.array(group["lesion_id"].unique())
+        rng.shuffle(lesions)
+        counts = group.groupby("lesion_id").size()
+        total = 0
+        for lesion in lesions:
+            if total >= max_per_class:
+                break
+            keep.append(lesion)
+            total += counts[lesion]
+    return meta[meta["lesion_id"].isin(set(keep))].reset_index(drop=True)
+
+
+def completed_epochs(run: Path) -> int:
+    """Epochs finished so far, from ``history.csv`` (0 for a new run)."""
+    path = run / "history.csv"
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    return len(pd.read_csv(path))
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class BalancedAccuracy(keras.callbacks.Callback):
+    """Adds ``val_balanced_accuracy`` (mean per-class recall, the ISIC metric) to the logs,
+    so checkpoints can keep the best model by the metric the study reports."""
+
+    def __init__(self, dataset: tf.data.Dataset, labels: np.ndarray):
+        super().__init__()
+        self.dataset, self.labels = dataset, labels
+
+    def on_epoch_end(self, epoch, logs=None):
+        from sklearn.metrics import balanced_accuracy_score
+
+        pred = self.model.predict(self.dataset, verbose=0).argmax(1)
+        logs = logs if logs is not None else {}
+        logs["val_balanced_accuracy"] = float(balanced_accuracy_score(self.labels, pred))
+
+
+class EpochLog(keras.callbacks.Callback):
+    """A one-line summary per epoch in the log, beside Keras' progress bar."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        parts = " ".join(f"{k}={v:.4f}" for k, v in sorted((logs or {}).items()) if isinstance(v, float))
+        log.info("epoch %d done in %.0fs: %s", epoch + 1, time.time() - self._t, parts)
+
+
+def cosine_lr(base: float, start: int, end: int):
+    """Per-epoch cosine decay from ``base`` over epochs [start, end): depends only on
+    the epoch index, so a resumed run gets the same rates."""
+
+    def schedule(epoch: int, _lr=None) -> float:
+        span = max(1, end - start)
+        return float(base * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - start) / span))))
+
+    return schedule
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def strategy_for(devices: int = 0) -> tf.distribute.Strategy:
+    """MirroredStrategy over all GPUs, or over ``devices`` logical CPUs (for tests);
+    else the default strategy. On a GPU, mixed precision is switched on too."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+        except RuntimeError:
+            pass  # already initialised: keep what exists
+        logical = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(logical)
+    return tf.distribute.get_strategy()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def compile_model(model: keras.Model, lr: float) -> None:
+    """Adam + sparse cross-entropy + accuracy; XLA where a GPU is present."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=bool(tf.config.list_physical_devices("GPU")),
+    )
+
+
+def phases(cfg: TrainConfig) -> list[tuple[str, int, int, float, str | None]]:
+    """(name, first epoch, end epoch, learning rate, unfreeze_from) for each phase."""
+    out = []
+    if cfg.head_epochs:
+        out.append(("head", 0, cfg.head_epochs, cfg.lr, None))
+    if cfg.epochs > cfg.head_epochs:
+        lr = cfg.finetune_lr if cfg.head_epochs else cfg.lr
+        out.append(("finetune", cfg.head_epochs, cfg.epochs, lr, cfg.unfreeze_from))
+    return out
+
+
+def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> Path:
+    """Train per ``cfg`` into its run folder; with ``resume`` continue a stopped run.
+
+    Returns the run folder. ``model.keras`` there is the best epoch by
+    validation balanced accuracy.
+    """
+    run = Path(cfg.run)
+    if resume:
+        if not (run / "config.json").exists():
+            raise DataError(f"{run}: nothing to resume (no config.json); start it without --resume")
+        cfg = TrainConfig.load(run / "config.json")
+    else:
+        if (run / "history.csv").exists():
+            raise DataError(f"{run}: the run folder already holds a run; pass --resume to continue it or choose a new --run")
+        cfg = cfg.resolved()
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    keras.utils.set_random_seed(cfg.seed)
+    ds = load_dataset(cfg.data)
+    meta = prepare_split(cfg, ds, run)
+    parts = {name: meta[meta["split"] == name] for name in ("train", "val")}
+    size = (cfg.image_size, cfg.image_size)
+    train_pipe = make_pipeline(parts["train"], size, cfg.batch_size, training=True, imbalance=cfg.imbalance, augment=cfg.augment, seed=cfg.seed)
+    val_pipe = make_pipeline(parts["val"], size, cfg.batch_size)
+    from skin_lesion.pipeline import label_ids
+
+    val_labels = label_ids(parts["val"]["dx"])
+    log.info("Run %s: %s on %s; %d train / %d val images (%s)", run, cfg.model, ds.label, len(parts["train"]), len(parts["val"]), cfg.imbalance)
+
+    strategy = strategy_for(cfg.devices)
+    done = completed_epochs(run)
+    for name, start, end, lr, unfreeze in phases(cfg):
+        if done >= end:
+            continue
+        with strategy.scope():
+            if done > start and (run / "last.keras").exists():
+                model = keras.models.load_model(run / "last.keras", safe_mode=True)  # mid-phase: optimizer state kept
+            else:
+                model = _phase_model(cfg, run)
+                set_backbone_trainable(model, unfreeze)
+                compile_model(model, lr)
+        log.info("Phase %s: epochs %d-%d, lr %.2g, %d trainable weights", name, start + 1, end, lr, len(model.trainable_weights))
+        callbacks = [
+            BalancedAccuracy(val_pipe.dataset, val_labels),
+            keras.callbacks.LearningRateScheduler(cosine_lr(lr, start, end)),
+            keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
+            keras.callbacks.ModelCheckpoint(str(run / "last.keras")),
+            BestCheckpoint(run / "model.keras", run / "best.json"),
+            EpochLog(),
+        ]
+        model.fit(
+            train_pipe.dataset,
+            steps_per_epoch=train_pipe.steps,
+            validation_data=val_pipe.dataset,
+            epochs=end,
+            initial_epoch=done,
+            class_weight=train_pipe.class_weight,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        done = end
+    return run
+
+
+def _phase_model(cfg: TrainConfig, run: Path) -> keras.Model:
+    """A fresh model for a new phase: from the last checkpoint's weights when one exists."""
+    model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout)
+    if (run / "last.keras").exists():
+        model.set_weights(keras.models.load_model(run / "last.keras", safe_mode=True, compile=False).get_weights())
+    return model
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keep ``model.keras`` at the best validation balanced accuracy, across phases
+    and resumes (the best score so far lives in ``best.json``)."""
+
+    def __init__(self, path: Path, state: Path):
+        super().__init__()
+        self.path, self.state = path, state
+
+    def on_epoch_end(self, epoch, logs=None):
+        score = float((logs or {}).get("val_balanced_accuracy", -1))
+        best = json.loads(self.state.read_text())["score"] if self.state.exists() else -np.inf
+        if score > best:
+            self.model.save(self.path)
+            self.state.write_text(json.dumps({"score": score, "epoch": epoch + 1}))
+
+
+def train_or_resume(cfg: TrainConfig, verbose: int | str = "auto") -> Path:
+    """Train a run, resume it if it stopped part-way, or return it as it is when
+    finished: what notebooks call, so rerunning the study redoes nothing."""
+    run = Path(cfg.run)
+    if not (run / "config.json").exists():
+        return train(cfg, verbose=verbose)
+    if completed_epochs(run) < TrainConfig.load(run / "config.json").epochs:
+        return train(cfg, resume=True, verbose=verbose)
+    log.info("Run %s is complete: reusing it", run)
+    return run
