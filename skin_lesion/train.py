@@ -256,6 +256,8 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
         cfg = cfg.resolved()
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    strategy = strategy_for(cfg.devices)  # first: logical devices must be set before TensorFlow starts
+    log.info("Strategy: %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(cfg.seed)
     ds = load_dataset(cfg.data)
     meta = prepare_split(cfg, ds, run)
@@ -268,7 +270,6 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     val_labels = label_ids(parts["val"]["dx"])
     log.info("Run %s: %s on %s; %d train / %d val images (%s)", run, cfg.model, ds.label, len(parts["train"]), len(parts["val"]), cfg.imbalance)
 
-    strategy = strategy_for(cfg.devices)
     done = completed_epochs(run)
     for name, start, end, lr, unfreeze in phases(cfg):
         if done >= end:

@@ -1,0 +1,75 @@
+"""Input pipeline: decoding real JPEG/PNG files, augmentation, imbalance handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from skin_lesion import data
+from skin_lesion.data import CLASSES, DataError
+from skin_lesion.pipeline import class_weights, label_ids, make_pipeline, undersample
+
+
+@pytest.fixture(scope="module")
+def meta(demo_dir) -> pd.DataFrame:
+    return data.load_dataset(demo_dir).meta
+
+
+def test_eval_pipeline_is_ordered_deterministic_and_sized(meta):
+    frame = meta.head(20)
+    pipe = make_pipeline(frame, (48, 48), batch_size=8)
+    first = [(x.numpy(), y.numpy()) for x, y in pipe.dataset]
+    second = [(x.numpy(), y.numpy()) for x, y in pipe.dataset]
+    assert pipe.steps == 3 and first[0][0].shape == (8, 48, 48, 3) and first[0][0].dtype == np.float32
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, second))
+    assert np.array_equal(np.concatenate([y for _, y in first]), label_ids(frame["dx"]))
+    assert 0 <= first[0][0].min() and first[0][0].max() <= 255
+
+
+def test_training_augmentation_changes_images_but_not_shapes(meta):
+    frame = meta.head(16)
+    plain = next(iter(make_pipeline(frame, (48, 48), 16, training=True, augment=False, seed=1).dataset))[0].numpy()
+    aug = next(iter(make_pipeline(frame, (48, 48), 16, training=True, augment=1.0, seed=1).dataset))[0].numpy()
+    assert aug.shape == plain.shape and not np.allclose(aug, plain)
+
+
+def test_grayscale_and_rgba_pngs_decode_to_rgb(meta, tmp_path):
+    src = Image.open(meta["path"].iloc[0])
+    src.convert("L").save(tmp_path / "g.png")
+    src.convert("RGBA").save(tmp_path / "a.png")
+    frame = pd.DataFrame({"path": [str(tmp_path / "g.png"), str(tmp_path / "a.png")], "dx": ["nv", "mel"]})
+    x, _ = next(iter(make_pipeline(frame, (32, 40), 2).dataset))
+    assert x.shape == (2, 32, 40, 3)
+
+
+def test_oversampling_balances_1000_examples(meta):
+    train = meta[meta["dx"].isin(CLASSES)]
+    pipe = make_pipeline(train, (32, 32), batch_size=100, training=True, imbalance="oversample", augment=False, seed=0)
+    labels = np.concatenate([y.numpy() for _, y in pipe.dataset.take(10)])
+    assert len(labels) == 1000
+    shares = np.bincount(labels, minlength=len(CLASSES)) / 1000
+    natural = train["dx"].value_counts(normalize=True)
+    assert natural.max() > 0.5  # the data itself is imbalanced ...
+    assert np.abs(shares - 1 / len(CLASSES)).max() < 0.05  # ... the oversampled stream is not
+
+
+def test_undersampling_and_class_weights(meta):
+    under = undersample(meta, seed=0)
+    counts = under["dx"].value_counts()
+    assert counts.nunique() == 1 and counts.iloc[0] == meta["dx"].value_counts().min()
+    weights = class_weights(label_ids(meta["dx"]))
+    nv, df = CLASSES.index("nv"), CLASSES.index("df")
+    assert weights[df] > weights[nv]
+    counts = meta["dx"].value_counts()
+    assert weights[nv] == pytest.approx(len(meta) / (len(CLASSES) * counts["nv"]))
+
+
+def test_unknown_method_and_labels_are_user_errors(meta):
+    with pytest.raises(DataError, match="unknown imbalance method"):
+        make_pipeline(meta.head(4), imbalance="smote-ish")
+    with pytest.raises(DataError, match="unknown dx"):
+        label_ids(pd.Series(["nv", "freckle"]))
+    with pytest.raises(DataError, match="empty split"):
+        make_pipeline(meta.head(0))

@@ -1,0 +1,165 @@
+"""Training, evaluation and prediction through the command line, as a user runs them:
+smoke runs on the demo set and the real data, kill-and-resume, k-fold CV,
+MirroredStrategy on two logical CPUs, external labels, and user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, cli
+from PIL import Image
+
+from skin_lesion.data import CLASSES
+
+SMOKE = ("train", "--profile", "smoke", "--tta", "2")
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_dir, tmp_path_factory) -> Path:
+    """One smoke run of the pretrained model on the demo set, shared by the tests below."""
+    run = tmp_path_factory.mktemp("runs") / "lite0"
+    res = cli(*SMOKE, "--model", "efficientnet_lite0", "--data", str(demo_dir), "--run", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run
+
+
+def _check_run_folder(run: Path, epochs: int):
+    for name in ("config.json", "split.csv", "history.csv", "model.keras", "last.keras", "metrics.json", "predictions.csv"):
+        assert (run / name).exists(), name
+    assert len(pd.read_csv(run / "history.csv")) == epochs
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "confusion_matrix", "per_class"):
+        assert key in metrics["calibrated"]
+    for c in CLASSES:
+        assert {"precision", "recall", "specificity", "f1", "auc"} <= set(metrics["calibrated"]["per_class"][c])
+    pred = pd.read_csv(run / "predictions.csv")
+    assert {"image_id", "dx", *CLASSES} <= set(pred.columns)
+    assert pred[list(CLASSES)].sum(1).round(4).eq(1).all()
+    split = pd.read_csv(run / "split.csv")
+    assert split.groupby("lesion_id")["split"].nunique().max() == 1
+    assert not list(run.glob("*.pkl")) and not list(run.glob("*.pickle"))
+
+
+def test_smoke_train_evaluate_predict_on_demo(demo_run, demo_dir):
+    _check_run_folder(demo_run, epochs=2)
+    res = cli("evaluate", "--run", str(demo_run), "--tta", "1")
+    assert res.returncode == 0 and "balanced_accuracy" in res.stdout, res.stderr[-2000:]
+    images = sorted((demo_dir / "images").iterdir())[:2]
+    res = cli("predict", "--run", str(demo_run), *map(str, images))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("%") >= 6 and "not a diagnosis" in res.stdout
+
+
+def test_predict_any_image_and_survives_bad_files(demo_run, demo_dir, tmp_path):
+    src = Image.open(sorted((demo_dir / "images").iterdir())[0])
+    src.convert("L").resize((37, 91)).save(tmp_path / "gray.png")
+    src.convert("RGBA").resize((900, 700)).save(tmp_path / "big.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (tmp_path / "notes.txt").write_text("hello")
+    files = [tmp_path / n for n in ("gray.png", "broken.jpg", "big.png", "notes.txt")]
+    res = cli("predict", "--run", str(demo_run), "--json", *map(str, files))
+    assert res.returncode != 0  # some inputs were bad ...
+    out = json.loads(res.stdout)
+    assert [p["image"] for p in out["predictions"]] == [str(files[0]), str(files[2])]  # ... the good ones still scored
+    assert all(len(p["top3"]) == 3 for p in out["predictions"])
+    assert "broken.jpg: not a readable image" in res.stderr and "notes.txt: not a readable image" in res.stderr
+    assert "Traceback" not in res.stderr and "not a diagnosis" in out["note"]
+
+
+def test_evaluate_external_isic_and_ham_labels(demo_run, demo_dir, tmp_path):
+    split = pd.read_csv(demo_run / "split.csv")
+    test = split[split["split"] == "test"]
+    isic = pd.DataFrame({"image": test["image_id"]})
+    for col in ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"):
+        isic[col] = (test["dx"].str.upper() == col).astype(float).to_numpy()
+    isic.to_csv(tmp_path / "isic.csv", index=False)
+    res = cli("evaluate", "--run", str(demo_run), "--images", str(demo_dir / "images"), "--labels", str(tmp_path / "isic.csv"), "--tta", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    ext = json.loads((demo_run / "metrics_external.json").read_text())
+    assert ext["calibrated"]["n"] == len(test)
+    test[["image_id", "dx"]].to_csv(tmp_path / "ham.csv", index=False)
+    res = cli("evaluate", "--run", str(demo_run), "--images", str(demo_dir / "images"), "--labels", str(tmp_path / "ham.csv"), "--tta", "1")
+    assert res.returncode == 0
+    (tmp_path / "odd.csv").write_text("name,label\na,b\n")
+    res = cli("evaluate", "--run", str(demo_run), "--images", str(demo_dir / "images"), "--labels", str(tmp_path / "odd.csv"))
+    assert res.returncode == 2 and "unknown label format" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_smoke_train_on_real_data(real_dir, tmp_path):
+    run = tmp_path / "real"
+    res = cli(*SMOKE, "--model", "cnn", "--data", str(real_dir), "--run", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    _check_run_folder(run, epochs=2)
+    meta = pd.read_csv(real_dir / "HAM10000_metadata.csv")
+    assert set(pd.read_csv(run / "split.csv")["image_id"]) <= set(meta["image_id"])
+    image = sorted((real_dir / "images").iterdir())[0]
+    res = cli("predict", "--run", str(run), str(image))
+    assert res.returncode == 0 and image.name in res.stdout
+
+
+def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
+    run = tmp_path / "resume"
+    args = [sys.executable, "-m", "skin_lesion", *SMOKE, "--model", "cnn", "--epochs", "6", "--no-eval", "--data", str(demo_dir), "--run", str(run)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    history = run / "history.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not history.exists() or len(history.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: like a crash or a lost machine
+    proc.wait()
+    done_before = len(pd.read_csv(history))
+    assert 2 <= done_before < 6, "the run should be killed part-way"
+    res = cli("train", "--run", str(run), "--resume", "--no-eval")
+    assert res.returncode == 0, res.stderr[-3000:]
+    hist = pd.read_csv(history)
+    assert hist["epoch"].tolist() == list(range(6))  # every epoch once, none lost, none repeated
+    assert (run / "model.keras").exists()
+
+
+def test_kfold_cross_validation_writes_mean_and_sd(demo_dir, tmp_path):
+    run = tmp_path / "cv"
+    res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--folds", "2", "--data", str(demo_dir), "--run", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    cv = json.loads((run / "cv_metrics.json").read_text())
+    assert cv["k"] == 2 and len(cv["folds"]) == 2
+    assert {"mean", "sd"} <= set(cv["summary"]["balanced_accuracy"])
+    folds = [pd.read_csv(run / f"fold{i}" / "split.csv") for i in range(2)]
+    assert folds[0].groupby("lesion_id")["fold"].nunique().max() == 1
+    assert "+/-" in res.stdout
+
+
+def test_mirrored_strategy_on_two_logical_cpus(demo_dir, tmp_path):
+    run = tmp_path / "mirrored"
+    res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--devices", "2", "--no-eval", "--data", str(demo_dir), "--run", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MirroredStrategy with 2 replica(s)" in res.stderr
+    assert (run / "model.keras").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("train", "--run", "{tmp}/none", "--resume"), "nothing to resume"),
+        (("evaluate", "--run", "{tmp}/none"), "no trained model"),
+        (("predict", "--run", "{tmp}/none", "x.jpg"), "no trained model"),
+        (("train", "--data", "{tmp}/no-such-folder", "--run", "{tmp}/r"), "data folder not found"),
+    ],
+)
+def test_user_errors_are_one_line_and_nonzero(tmp_path, args, message):
+    res = cli(*[a.format(tmp=tmp_path) for a in args])
+    assert res.returncode == 2
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_help_for_every_command():
+    for cmd in ("train", "evaluate", "predict", "report", "data", "tune"):
+        res = cli(cmd, "--help")
+        assert res.returncode == 0 and "usage" in res.stdout
