@@ -211,7 +211,7 @@ def standin_server(demo_dir, tmp_path):
             for i in chunk["image_id"]:
                 z.write(demo_dir / "images" / f"{i}.jpg", f"HAM10000_images_part_{k}/{i}.jpg")
     entries = []
-    for n, name in enumerate(sorted(p.name for p in files.iterdir())):
+    for name in sorted(p.name for p in files.iterdir()):
         md5 = hashlib.md5((files / name).read_bytes()).hexdigest()
         entries.append({"dataFile": {"id": name, "filename": name, "md5": md5}})
     handler = type("H", (_Handler,), {"listing": {"data": {"latestVersion": {"files": entries}}}})
