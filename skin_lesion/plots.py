@@ -24,12 +24,17 @@ PALETTE = dict(zip(CLASSES, sns.color_palette("colorblind", len(CLASSES))))
 
 def _finish(fig: plt.Figure, title: str, synthetic: bool) -> plt.Figure:
     """Title, tight layout and, for synthetic data, the banner."""
-    fig.suptitle(title, fontsize=12, fontweight="bold")
-    fig.tight_layout()
+    height = fig.get_figheight()
     if synthetic:
-        fig.subplots_adjust(top=min(fig.subplotpars.top, 0.84))
-        fig.text(0.5, 0.995, SYNTHETIC_BANNER, ha="center", va="top", color="white", fontsize=10, fontweight="bold",
+        # Room above the title for the banner: about 0.45 inch whatever the figure's height.
+        top = 1 - 0.45 / height
+        fig.suptitle(title, fontsize=12, fontweight="bold", y=top)
+        fig.tight_layout(rect=(0, 0, 1, top - 0.02))
+        fig.text(0.5, 1 - 0.04 / height, SYNTHETIC_BANNER, ha="center", va="top", color="white", fontsize=10, fontweight="bold",
                  bbox=dict(facecolor="#c0392b", edgecolor="none", boxstyle="round,pad=0.3"))
+    else:
+        fig.suptitle(title, fontsize=12, fontweight="bold")
+        fig.tight_layout()
     return fig
 
 
@@ -251,7 +256,7 @@ def subgroup_plot(table: pd.DataFrame, metric: str = "balanced_accuracy", synthe
         y = np.arange(len(t))
         err = np.vstack([t[metric] - t[f"{metric}_lo"], t[f"{metric}_hi"] - t[metric]]).clip(0)
         ax.errorbar(t[metric], y, xerr=err, fmt="o", capsize=3)
-        ax.set_yticks(y, [f"{g} (n={n})" for g, n in zip(t["group"], t["n"])], fontsize=8)
+        ax.set_yticks(y, [f"{g} (n={int(n)})" for g, n in zip(t["group"], t["n"])], fontsize=8)
         ax.set(xlabel=metric.replace("_", " "), title=by, xlim=(0, 1.05) if metric != "ece" else None)
         ax.invert_yaxis()
     return _finish(fig, title or f"{metric.replace('_', ' ')} by group (95% bootstrap CI)", synthetic)

@@ -163,3 +163,18 @@ def test_help_for_every_command():
     for cmd in ("train", "evaluate", "predict", "report", "data", "tune"):
         res = cli(cmd, "--help")
         assert res.returncode == 0 and "usage" in res.stdout
+
+
+def test_tune_writes_trials_and_a_config_that_train_reuses(demo_dir, tmp_path):
+    run = tmp_path / "tune"
+    res = cli("tune", "--model", "cnn", "--trials", "2", "--epochs", "1", "--max-per-class", "10", "--data", str(demo_dir), "--run", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = pd.read_csv(run / "trials.csv")
+    assert len(trials) == 2 and {"lr", "dropout", "image_size", "imbalance", "val_balanced_accuracy"} <= set(trials.columns)
+    best = json.loads((run / "best_config.json").read_text())
+    assert best["image_size"] in (64, 96, 128) and best["extra"]["trials"] == 2
+    res = cli("train", "--config", str(run / "best_config.json"), "--profile", "smoke", "--epochs", "1", "--max-per-class", "10",
+              "--data", str(demo_dir), "--run", str(tmp_path / "from_tuned"), "--no-eval")
+    assert res.returncode == 0, res.stderr[-3000:]
+    used = json.loads((tmp_path / "from_tuned" / "config.json").read_text())
+    assert used["image_size"] == best["image_size"] and used["imbalance"] == best["imbalance"]

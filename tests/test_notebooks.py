@@ -1,0 +1,79 @@
+"""The study end to end: every notebook headless in the smoke profile (real data
+where present, else the synthetic demo set), and the figures report."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from skin_lesion.report import NOTEBOOKS_DIR, ReportError, build_report, notebooks, run_notebook
+
+EDA = ["class_counts", "site_by_class", "age_by_class", "sex_by_class", "images_per_lesion", "dx_type_by_class", "missing_values", "sample_grid"]
+
+
+@pytest.fixture(scope="module")
+def report(study_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    return build_report(profile="smoke", data=str(study_data), out=out / "reports", runs=out / "runs", progress=False)
+
+
+def test_notebooks_are_ordered_parameterised_and_stored_clean():
+    names = [p.name for p in notebooks()]
+    assert names == ["01_eda.ipynb", "02_train.ipynb", "03_evaluate.ipynb", "04_explain.ipynb", "05_fairness.ipynb"]
+    for path in notebooks():
+        nb = nbformat.read(path, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and "profile" in tagged[0].source and "data" in tagged[0].source
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} stored with outputs"
+
+
+def test_report_holds_every_expected_figure(report, study_data):
+    html = report.read_text()
+    figures = report.parent / "figures"
+    names = {p.stem for p in figures.glob("*.png")}
+    pretrained = "efficientnet_lite0" if "02_efficientnet_lite0_accuracy_curve" in names else "resnet50"
+    expected = [f"01_{n}" for n in EDA]
+    for model in ("cnn", pretrained):
+        expected += [f"02_{model}_accuracy_curve", f"02_{model}_loss_curve"]
+        run = f"smoke_{model}"
+        expected += [f"03_{run}_{k}" for k in ("confusion_counts", "confusion_normalised", "per_class", "roc", "reliability")]
+        expected += [f"04_{run}_gradcam"] + [f"05_{run}_{m}_by_group" for m in ("balanced_accuracy", "mel_recall", "ece")]
+    expected += ["03_model_comparison", "03_ensemble_confusion_counts"]
+    missing = [n for n in expected if n not in names]
+    assert not missing, missing
+    for n in expected:
+        assert f"data-figure='{n}'" in html, n
+        assert (figures / f"{n}.png").stat().st_size > 5000
+    assert len(re.findall(r"src='data:image/png;base64,", html)) >= len(expected)  # self-contained
+    synthetic = (Path(study_data) / "SYNTHETIC_DEMO").exists()
+    assert ("synthetic-banner" in html) == synthetic
+
+
+def test_executed_notebooks_ran_every_cell(report):
+    for path in sorted((report.parent / "executed").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(c.get("execution_count") for c in code), path.name
+        assert not [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"], path.name
+
+
+def test_a_failing_cell_names_the_notebook_and_cell(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "09_broken.ipynb"
+    nbformat.write(nb, src)
+    with pytest.raises(ReportError) as err:
+        run_notebook(src, tmp_path / "out" / src.name, {}, progress=False)
+    assert "09_broken.ipynb" in str(err.value) and "cell 2" in str(err.value) and "broken on purpose" in str(err.value)
+
+
+def test_notebooks_hold_no_model_or_metric_code():
+    """Notebooks narrate and call helpers: no layers, no fit loops, no sklearn metrics."""
+    for path in NOTEBOOKS_DIR.glob("*.ipynb"):
+        source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        for banned in ("keras.layers", "Conv2D", "model.fit(", "sklearn.metrics", "plt.subplots"):
+            assert banned not in source, f"{path.name} contains {banned}"
