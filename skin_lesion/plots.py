@@ -38,14 +38,14 @@ def _finish(fig: plt.Figure, title: str, synthetic: bool) -> plt.Figure:
     return fig
 
 
-def save_figure(fig: plt.Figure, name: str, folder: str | Path | None) -> Path | None:
-    """Save ``fig`` as ``folder/name.png`` (the report's figure files); no-op without a folder."""
-    if not folder:
-        return None
-    path = Path(folder) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+def save_figure(fig: plt.Figure, name: str, folder: str | Path | None) -> None:
+    """Save ``fig`` as ``folder/name.png`` (the report's figure files); no-op without a folder.
+
+    Returns nothing, so a notebook cell ending in this call shows only the figure."""
+    if folder:
+        path = Path(folder) / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------- EDA

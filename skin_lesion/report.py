@@ -100,7 +100,7 @@ def render_html(executed: list[Path], figures: Path, synthetic: bool, profile: s
     parts.append("</ul>")
     for nb in executed:
         body, _ = exporter.from_notebook_node(nbformat.read(nb, as_version=4))
-        parts.append(f"<section class='nb' id='{nb.stem}'><h2>{html.escape(nb.stem)}</h2>{body}</section>")
+        parts.append(f"<section class='nb' id='{nb.stem}' data-notebook='{html.escape(nb.name)}'>{body}</section>")
     parts.append("<section class='nb fig-index' id='figures'><h2>Figure files</h2>")
     for png in sorted(figures.glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
