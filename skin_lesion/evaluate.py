@@ -165,7 +165,8 @@ def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
 def age_band(age: pd.Series) -> pd.Series:
     """Age bands (<30, 30-44, 45-59, 60-74, 75+, unknown) for fairness tables."""
     labels = ["<30", "30-44", "45-59", "60-74", "75+"]
-    return pd.cut(age, AGE_BANDS, right=False, labels=labels).astype(str).replace("nan", "unknown")
+    bands = pd.cut(pd.to_numeric(age, errors="coerce"), AGE_BANDS, right=False, labels=labels).astype(object)
+    return bands.where(bands.notna(), "unknown")
 
 
 def bootstrap_ci(values: np.ndarray, stat, n: int = 300, seed: int = 0) -> tuple[float, float]:
