@@ -23,8 +23,9 @@ from skin_lesion.pipeline import AUTOTUNE, decode_resize, make_pipeline  # noqa:
 def drain(ds: tf.data.Dataset, steps: int | None = None) -> tuple[int, float]:
     """Pull every batch (or ``steps`` batches); return images seen and seconds taken."""
     n, t0 = 0, time.perf_counter()
-    for i, (x, _) in enumerate(ds):
-        n += int(x.shape[0]) if len(x.shape) == 4 else 1
+    for i, item in enumerate(ds):
+        x = item[0] if isinstance(item, tuple) else item
+        n += int(x.shape[0])
         if steps and i + 1 >= steps:
             break
     return n, time.perf_counter() - t0
