@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--models", nargs="+", default=["cnn", "efficientnet_lite0", "resnet50"])
+    ap.add_argument("--run", help="also time `predict` end to end (read file, resize, model, calibrate) for this run")
+    ap.add_argument("--image", help="the image file for --run")
     args = ap.parse_args()
     print(f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, GPU: {bool(tf.config.list_physical_devices('GPU'))}")
     print(f"{'model':20s} {'input':>7s} {'params':>9s} {'1 image (ms, median)':>22s} {'batch ' + str(args.batch) + ' (images/s)':>20s}")
@@ -50,6 +52,18 @@ def main() -> None:
         single = latency_ms(fn, one, args.repeats)
         per_batch = latency_ms(fn, batch, max(5, args.repeats // 5))
         print(f"{name:20s} {size:>4d}px {model.count_params() / 1e6:8.2f}M {single:22.1f} {args.batch / per_batch * 1000:20.1f}")
+    if args.run and args.image:
+        from skin_lesion.evaluate import Predictor
+
+        predictor = Predictor(args.run)
+        for _ in range(3):
+            predictor.predict_file(args.image)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            predictor.predict_file(args.image)
+            times.append(time.perf_counter() - t0)
+        print(f"predict end to end ({args.run}, {predictor.cfg.model}): {1000 * np.median(times):.1f} ms per image (median of {args.repeats})")
 
 
 if __name__ == "__main__":

@@ -298,6 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
             initial_epoch=done,
             class_weight=train_pipe.class_weight,
             callbacks=callbacks,
+            shuffle=False,  # the pipeline shuffles; tf.data input ignores this anyway
             verbose=verbose,
         )
         done = end
