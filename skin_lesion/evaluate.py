@@ -48,14 +48,20 @@ def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
     return views[: max(1, n)]
 
 
+def tta_function(model: keras.Model, tta: int = 1):
+    """One compiled function: a batch in, probabilities averaged over ``tta`` dihedral views out."""
+
+    def probs(x):
+        return tf.reduce_mean(tf.stack([model(v, training=False) for v in dihedral_views(x, tta)]), axis=0)
+
+    return tf.function(probs, reduce_retracing=True)
+
+
 def predict_probs(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int = 32, tta: int = 1) -> np.ndarray:
     """Class probabilities for rows of ``frame`` in order, averaged over ``tta`` dihedral views."""
     pipe = make_pipeline(frame, (image_size, image_size), batch_size)
-    out = []
-    for x, _ in pipe.dataset:
-        views = dihedral_views(x, tta)
-        out.append(np.mean([model(v, training=False).numpy() for v in views], axis=0))
-    return np.concatenate(out).astype("float64")
+    fn = tta_function(model, tta)
+    return np.concatenate([fn(x).numpy() for x, _ in pipe.dataset]).astype("float64")
 
 
 def load_run_model(run: Path) -> tuple[keras.Model, TrainConfig]:
@@ -380,8 +386,7 @@ class Predictor:
         self.model, self.cfg = load_run_model(Path(run))
         metrics = Path(run) / "metrics.json"
         self.temperature = json.loads(metrics.read_text())["temperature"] if metrics.exists() else 1.0
-        self.tta = tta
-        self._fn = tf.function(lambda x: tf.reduce_mean(tf.stack([self.model(v, training=False) for v in dihedral_views(x, self.tta)]), 0), reduce_retracing=True)
+        self._fn = tta_function(self.model, tta)
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for a batch of (size, size, 3) images."""
