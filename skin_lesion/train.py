@@ -1,10 +1,12 @@
 """Training: profiles, the run folder, two-phase transfer learning, checkpoints and resume.
 
 A run folder (``runs/NAME/``) holds everything needed to rerun and to resume:
-``config.json``, ``split.csv``, ``history.csv``, ``last.keras`` (model and
-optimizer after every epoch), ``model.keras`` (best on validation balanced
-accuracy) and, after evaluation, ``metrics.json``. Killing a run and calling
-``train --resume`` continues from the last finished epoch with nothing lost.
+``config.json``, ``split.csv``, ``history.csv``, ``state.json`` and
+``checkpoint-epochNNN.keras`` (model and optimizer after the last finished
+epoch), ``model.keras`` (best on validation balanced accuracy) and, after
+evaluation, ``metrics.json``. ``state.json`` is replaced atomically after the
+checkpoint it names is complete, so a run killed at any instant resumes with
+``train --resume`` from its last finished epoch with nothing lost.
 
 Pretrained models train in two phases: the head alone on a frozen backbone,
 then the top of the backbone with a lower learning rate (fine-tuning).
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -145,12 +148,22 @@ def subsample(meta: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.Da
     return meta[meta["lesion_id"].isin(set(keep))].reset_index(drop=True)
 
 
+def run_state(run: Path) -> dict:
+    """The run's ``state.json``: epochs done, its checkpoint, best score, history rows."""
+    path = Path(run) / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {"epochs_done": 0, "checkpoint": None, "best_score": None, "best_epoch": None, "history": []}
+
+
 def completed_epochs(run: Path) -> int:
-    """Epochs finished so far, from ``history.csv`` (0 for a new run)."""
-    path = run / "history.csv"
-    if not path.exists() or path.stat().st_size == 0:
-        return 0
-    return len(pd.read_csv(path))
+    """Epochs finished so far (0 for a new run)."""
+    return int(run_state(run)["epochs_done"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -275,8 +288,9 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
         if done >= end:
             continue
         with strategy.scope():
-            if done > start and (run / "last.keras").exists():
-                model = keras.models.load_model(run / "last.keras", safe_mode=True)  # mid-phase: optimizer state kept
+            checkpoint = run_state(run)["checkpoint"]
+            if done > start and checkpoint:
+                model = keras.models.load_model(run / checkpoint, safe_mode=True)  # mid-phase: optimizer state kept
             else:
                 model = _phase_model(cfg, run)
                 set_backbone_trainable(model, unfreeze)
@@ -285,9 +299,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
         callbacks = [
             BalancedAccuracy(val_pipe.dataset, val_labels),
             keras.callbacks.LearningRateScheduler(cosine_lr(lr, start, end)),
-            keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
-            keras.callbacks.ModelCheckpoint(str(run / "last.keras")),
-            BestCheckpoint(run / "model.keras", run / "best.json"),
+            RunCheckpoint(run),
             EpochLog(),
         ]
         model.fit(
@@ -308,25 +320,44 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
 def _phase_model(cfg: TrainConfig, run: Path) -> keras.Model:
     """A fresh model for a new phase: from the last checkpoint's weights when one exists."""
     model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout)
-    if (run / "last.keras").exists():
-        model.set_weights(keras.models.load_model(run / "last.keras", safe_mode=True, compile=False).get_weights())
+    checkpoint = run_state(run)["checkpoint"]
+    if checkpoint:
+        model.set_weights(keras.models.load_model(run / checkpoint, safe_mode=True, compile=False).get_weights())
     return model
 
 
-class BestCheckpoint(keras.callbacks.Callback):
-    """Keep ``model.keras`` at the best validation balanced accuracy, across phases
-    and resumes (the best score so far lives in ``best.json``)."""
+class RunCheckpoint(keras.callbacks.Callback):
+    """After every epoch, in this order: ``model.keras`` if validation balanced
+    accuracy improved; ``checkpoint-epochNNN.keras`` (model + optimizer);
+    ``state.json`` (epochs done, that checkpoint, best score, history) replaced
+    atomically; ``history.csv`` rewritten from it; older checkpoints removed.
 
-    def __init__(self, path: Path, state: Path):
+    Whatever instant the process dies at, ``state.json`` names a complete
+    checkpoint and the history of exactly the epochs in it.
+    """
+
+    def __init__(self, run: Path):
         super().__init__()
-        self.path, self.state = path, state
+        self.run = Path(run)
 
     def on_epoch_end(self, epoch, logs=None):
-        score = float((logs or {}).get("val_balanced_accuracy", -1))
-        best = json.loads(self.state.read_text())["score"] if self.state.exists() else -np.inf
-        if score > best:
-            self.model.save(self.path)
-            self.state.write_text(json.dumps({"score": score, "epoch": epoch + 1}))
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        state = run_state(self.run)
+        score = logs.get("val_balanced_accuracy", -1.0)
+        if state["best_score"] is None or score > state["best_score"]:
+            tmp = self.run / "model.tmp.keras"
+            self.model.save(tmp)
+            os.replace(tmp, self.run / "model.keras")
+            state.update(best_score=score, best_epoch=epoch + 1)
+        name = f"checkpoint-epoch{epoch + 1:03d}.keras"
+        self.model.save(self.run / name)
+        state["history"] = state["history"][:epoch] + [{"epoch": epoch, **logs}]
+        state.update(epochs_done=epoch + 1, checkpoint=name)
+        _write_atomic(self.run / "state.json", json.dumps(state, indent=1))
+        _write_atomic(self.run / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
+        for old in self.run.glob("checkpoint-epoch*.keras"):
+            if old.name != name:
+                old.unlink()
 
 
 def train_or_resume(cfg: TrainConfig, verbose: int | str = "auto") -> Path:

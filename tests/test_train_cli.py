@@ -32,7 +32,7 @@ def demo_run(demo_dir, tmp_path_factory) -> Path:
 
 
 def _check_run_folder(run: Path, epochs: int):
-    for name in ("config.json", "split.csv", "history.csv", "model.keras", "last.keras", "metrics.json", "predictions.csv"):
+    for name in ("config.json", "split.csv", "history.csv", "state.json", "model.keras", "metrics.json", "predictions.csv"):
         assert (run / name).exists(), name
     assert len(pd.read_csv(run / "history.csv")) == epochs
     metrics = json.loads((run / "metrics.json").read_text())
@@ -122,6 +122,7 @@ def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     hist = pd.read_csv(history)
     assert hist["epoch"].tolist() == list(range(6))  # every epoch once, none lost, none repeated
     assert (run / "model.keras").exists()
+    assert [p.name for p in run.glob("checkpoint-epoch*.keras")] == ["checkpoint-epoch006.keras"]
 
 
 def test_kfold_cross_validation_writes_mean_and_sd(demo_dir, tmp_path):
