@@ -59,7 +59,7 @@ def tta_function(model: keras.Model, tta: int = 1):
 
 def predict_probs(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int = 32, tta: int = 1) -> np.ndarray:
     """Class probabilities for rows of ``frame`` in order, averaged over ``tta`` dihedral views."""
-    pipe = make_pipeline(frame, (image_size, image_size), batch_size)
+    pipe = make_pipeline(frame, (image_size, image_size), batch_size, cache=False)  # one pass: a cache would only cost memory
     fn = tta_function(model, tta)
     return np.concatenate([fn(x).numpy() for x, _ in pipe.dataset]).astype("float64")
 

@@ -44,9 +44,9 @@ class LesionAugment(keras.layers.Layer):
     0.9x to 1.25x (zooming in is a random crop) and a shift of up to 8% -- all
     composed into one affine transform per image, so each image is resampled
     once (reflected at the borders). Colour: hue rotation (in YIQ), contrast
-    and brightness jitter. The Keras preprocessing layers that do the same one
-    by one resample four times and ran at a fraction of this speed on 2 cores
-    (``bench/pipeline.py``). Built on ``keras.ops`` and ``keras.random``.
+    and brightness jitter. Chaining Keras' preprocessing layers for the same
+    effects resamples each image several times. Built on ``keras.ops`` and
+    ``keras.random``.
     """
 
     def __init__(self, strength: float = 1.0, seed: int | None = None, **kwargs):

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from skin_lesion.data import DataError, Dataset, fold_parts, load_dataset, make_split_table
 from skin_lesion.models import DEFAULT_SIZE, MODEL_NAMES, build_model, set_backbone_trainable
-from skin_lesion.pipeline import make_pipeline
+from skin_lesion.pipeline import label_ids, make_pipeline
 
 log = logging.getLogger("skin_lesion")
 
@@ -278,8 +278,6 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     size = (cfg.image_size, cfg.image_size)
     train_pipe = make_pipeline(parts["train"], size, cfg.batch_size, training=True, imbalance=cfg.imbalance, augment=cfg.augment, seed=cfg.seed)
     val_pipe = make_pipeline(parts["val"], size, cfg.batch_size)
-    from skin_lesion.pipeline import label_ids
-
     val_labels = label_ids(parts["val"]["dx"])
     log.info("Run %s: %s on %s; %d train / %d val images (%s)", run, cfg.model, ds.label, len(parts["train"]), len(parts["val"]), cfg.imbalance)
 
