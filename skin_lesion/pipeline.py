@@ -2,9 +2,12 @@
 
 Why this order (the tf.data performance guide): decoding and resizing are
 deterministic and costly, so they run once in parallel and are cached;
-augmentation is random and cheap, so it runs after the cache on every epoch,
-batched. Pixels leave the pipeline as float32 in [0, 255]: each model scales
-its own input, so one pipeline serves every model.
+augmentation is random, so it runs after the cache on every epoch, batched --
+in tf.data (``augment`` here) or inside the model on the accelerator
+(``augment_on="model"`` in training). Pixels leave the pipeline as uint8 in
+[0, 255] (float32 after tf.data augmentation): each model casts and scales its
+own input, so one pipeline serves every model and a GPU receives a quarter of
+the bytes.
 """
 
 from __future__ import annotations
@@ -47,11 +50,16 @@ class LesionAugment(keras.layers.Layer):
     and brightness jitter. Chaining Keras' preprocessing layers for the same
     effects resamples each image several times. Built on ``keras.ops`` and
     ``keras.random``.
+
+    Inside a model it runs on the accelerator; TensorFlow's XLA has no kernel
+    for the affine resample, so the layer says ``supports_jit = False`` and
+    Keras' ``jit_compile="auto"`` then compiles such a model without XLA.
     """
 
     def __init__(self, strength: float = 1.0, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.strength, self.seed = float(strength), seed
+        self.supports_jit = False
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def _uniform(self, n, low: float, high: float):
@@ -93,7 +101,7 @@ class LesionAugment(keras.layers.Layer):
     def call(self, images, training=True):
         if not training or self.strength <= 0:
             return images
-        return self._colour(self._geometry(images))
+        return self._colour(self._geometry(keras.ops.cast(images, self.compute_dtype)))
 
     def get_config(self):
         return {**super().get_config(), "strength": self.strength, "seed": self.seed}
@@ -195,7 +203,6 @@ def make_pipeline(
             ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
 
     ds = ds.batch(batch_size, drop_remainder=False)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
     if training and augment:
         aug = make_augmenter(float(augment), seed)
         ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=AUTOTUNE)

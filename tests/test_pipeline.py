@@ -22,7 +22,7 @@ def test_eval_pipeline_is_ordered_deterministic_and_sized(meta):
     pipe = make_pipeline(frame, (48, 48), batch_size=8)
     first = [(x.numpy(), y.numpy()) for x, y in pipe.dataset]
     second = [(x.numpy(), y.numpy()) for x, y in pipe.dataset]
-    assert pipe.steps == 3 and first[0][0].shape == (8, 48, 48, 3) and first[0][0].dtype == np.float32
+    assert pipe.steps == 3 and first[0][0].shape == (8, 48, 48, 3) and first[0][0].dtype == np.uint8
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, second))
     assert np.array_equal(np.concatenate([y for _, y in first]), label_ids(frame["dx"]))
     assert 0 <= first[0][0].min() and first[0][0].max() <= 255
@@ -32,7 +32,25 @@ def test_training_augmentation_changes_images_but_not_shapes(meta):
     frame = meta.head(16)
     plain = next(iter(make_pipeline(frame, (48, 48), 16, training=True, augment=False, seed=1).dataset))[0].numpy()
     aug = next(iter(make_pipeline(frame, (48, 48), 16, training=True, augment=1.0, seed=1).dataset))[0].numpy()
-    assert aug.shape == plain.shape and not np.allclose(aug, plain)
+    assert aug.shape == plain.shape and aug.dtype == np.float32 and not np.allclose(aug, plain)
+
+
+def test_augmentation_inside_a_model_trains_randomly_and_predicts_deterministically(meta):
+    """augment_on=model: the layer is active in the train step only, and tells Keras
+    it cannot be XLA-compiled (so jit_compile="auto" falls back on a GPU)."""
+    import keras
+    from keras.src.trainers.trainer import model_supports_jit
+
+    from skin_lesion.models import build_model
+
+    model = build_model("cnn", 48, augment=1.0)
+    plain = build_model("cnn", 48)
+    assert model.get_layer("augment") is not None and not model_supports_jit(model) and model_supports_jit(plain)
+    x = next(iter(make_pipeline(meta.head(8), (48, 48), 8).dataset))[0]
+    assert x.dtype == "uint8"
+    aug = model.get_layer("augment")
+    assert not np.allclose(aug(x, training=True), keras.ops.cast(x, "float32"))
+    assert np.array_equal(model.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 def test_grayscale_and_rgba_pngs_decode_to_rgb(meta, tmp_path):

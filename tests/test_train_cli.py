@@ -137,12 +137,16 @@ def test_kfold_cross_validation_writes_mean_and_sd(demo_dir, tmp_path):
     assert "+/-" in res.stdout
 
 
-def test_mirrored_strategy_on_two_logical_cpus(demo_dir, tmp_path):
+def test_mirrored_strategy_on_two_logical_cpus_with_augmentation_in_the_model(demo_dir, tmp_path):
+    """The gpu profile's path: several replicas, augmentation as the model's first layer."""
     run = tmp_path / "mirrored"
-    res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--devices", "2", "--no-eval", "--data", str(demo_dir), "--run", str(run))
+    res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--devices", "2", "--augment-on", "model", "--no-eval", "--data", str(demo_dir), "--run", str(run))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s)" in res.stderr
-    assert (run / "model.keras").exists()
+    assert json.loads((run / "config.json").read_text())["augment_on"] == "model"
+    import keras
+
+    assert keras.models.load_model(run / "model.keras").get_layer("augment").strength == 1.0
 
 
 @pytest.mark.parametrize(
