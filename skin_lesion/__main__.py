@@ -110,6 +110,19 @@ def _predict_cmd(args) -> int:
     return 1 if failed else 0
 
 
+def _stack_cmd(args) -> int:
+    from skin_lesion.evaluate import stack_runs
+
+    m = stack_runs(args.runs, args.out)
+    layer, c, op = m["decision_layer"], m["calibrated"], m["mel_operating_point"]
+    print(f"decision layer: {' + '.join(layer['models'])}{' + metadata' if layer['metadata'] else ''}, C={layer['C']} "
+          f"(validation CV balanced accuracy {layer['cv_balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall", "ece"):
+        print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
+    print(f"  melanoma operating point p>={op['threshold']:.3f}: recall {op['mel_recall']}, specificity {op['mel_specificity']:.4f}")
+    return 0
+
+
 def _report_cmd(args) -> int:
     from skin_lesion.report import build_report
 
@@ -185,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--tta", type=int, default=1)
     r.set_defaults(func=_predict_cmd)
+
+    st = sub.add_parser("stack", help="fit a decision layer (stacked models, optional metadata) on validation; score it on test")
+    st.add_argument("runs", nargs="+", help="evaluated run folders that share a split")
+    st.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
+    st.set_defaults(func=_stack_cmd)
 
     rep = sub.add_parser("report", help="run the notebooks headless and write reports/report.html")
     rep.add_argument("--profile", choices=["smoke", "cpu", "gpu"], default="smoke")

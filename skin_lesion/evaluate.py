@@ -1,16 +1,17 @@
 """Evaluation: predictions (with test-time augmentation), metrics, calibration,
-the melanoma operating point, subgroup tables, external label files, k-fold CV.
+the melanoma operating point, a decision layer (stacking several models and
+metadata), subgroup tables, external label files, k-fold CV.
 
 Everything here is scored on the run's lesion-grouped test split (or an
-external set); choices (temperature, melanoma threshold) are fitted on the
-validation split only, never on test.
+external set); choices (temperature, melanoma threshold, the decision layer)
+are fitted on the validation split only, never on test.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -165,6 +166,165 @@ def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     return pred
 
 
+# --------------------------------------------------------------------------- decision layer: stacking and metadata fusion
+
+# HAM10000's body sites; any other value (or "unknown") is encoded as no site.
+SITES: tuple[str, ...] = (
+    "abdomen", "acral", "back", "chest", "ear", "face", "foot", "genital", "hand", "lower extremity", "neck", "scalp", "trunk", "upper extremity",
+)
+
+
+def metadata_features(frame: pd.DataFrame) -> np.ndarray:
+    """Age (scaled, squared, missing flag), sex and body site one-hot: what a
+    clinician knows before the biopsy. Never ``dx_type``, which reveals the label."""
+    age = pd.to_numeric(frame.get("age"), errors="coerce").to_numpy(dtype=float) if "age" in frame else np.full(len(frame), np.nan)
+    missing = np.isnan(age)
+    a = np.where(missing, 50.0, age) / 100
+    sex = np.stack([(frame.get("sex", pd.Series([""] * len(frame))) == s).to_numpy() for s in ("male", "female")], 1)
+    site = np.stack([(frame.get("localization", pd.Series([""] * len(frame))) == s).to_numpy() for s in SITES], 1)
+    return np.column_stack([a, a**2, missing, sex, site]).astype(float)
+
+
+def stack_inputs(probs: list[np.ndarray], frame: pd.DataFrame | None, metadata: bool) -> np.ndarray:
+    """Log-probabilities of each model side by side, plus metadata when asked."""
+    parts = [np.log(np.clip(p, 1e-6, 1)) for p in probs]
+    if metadata:
+        parts.append(metadata_features(frame))
+    return np.column_stack(parts)
+
+
+def _all_classes(probs: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Columns for every class in CLASSES order (zeros for classes absent from the fit)."""
+    out = np.zeros((len(probs), len(CLASSES)))
+    out[:, np.asarray(present, dtype=int)] = probs
+    return out
+
+
+@dataclass
+class DecisionLayer:
+    """A multinomial logistic regression over models' log-probabilities (and
+    optionally metadata), class-balanced so it aims at balanced accuracy.
+    Fitted on the validation split only; ``mel_threshold`` comes from its
+    out-of-fold validation predictions."""
+
+    models: list[str]
+    metadata: bool
+    C: float
+    cv_balanced_accuracy: float
+    mel_threshold: float
+    candidates: list[dict]
+    estimator: object = None
+
+    def probs(self, probs: dict[str, np.ndarray], frame: pd.DataFrame) -> np.ndarray:
+        """Probabilities for rows of ``frame`` from each model's probabilities."""
+        p = self.estimator.predict_proba(stack_inputs([probs[m] for m in self.models], frame, self.metadata))
+        return _all_classes(p, self.estimator.classes_)
+
+    def summary(self) -> dict:
+        return dict(models=self.models, metadata=self.metadata, C=self.C, cv_balanced_accuracy=self.cv_balanced_accuracy, mel_threshold=self.mel_threshold)
+
+
+def _logistic(C: float):
+    """Standardised inputs (fast, well-conditioned fits) -> class-balanced multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline as sk_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return sk_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=2000))
+
+
+def fit_decision_layer(
+    val_probs: dict[str, np.ndarray], val: pd.DataFrame, Cs: tuple[float, ...] = (0.01, 0.1, 1.0), folds: int = 5, target_mel_recall: float = 0.8, seed: int = 0
+) -> DecisionLayer:
+    """Choose, by lesion-grouped cross-validation on the validation split, which
+    models to stack (each alone, or all), with or without metadata, and the
+    regularisation C; refit the best on all of validation.
+
+    The candidates include each model alone without metadata, so the ensemble
+    and the metadata are kept only when validation says they help.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+
+    y = label_ids(val["dx"])
+    names = list(val_probs)
+    sets = [[n] for n in names] + ([names] if len(names) > 1 else [])
+    present = np.unique(y)
+    k = max(2, min(folds, int(np.bincount(y)[present].min())))  # every fold can hold every class
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    candidates, best = [], None
+    for models_ in sets:
+        for metadata in (False, True):
+            x = stack_inputs([val_probs[m] for m in models_], val, metadata)
+            for C in Cs:
+                lr = _logistic(C)
+                oof = _all_classes(cross_val_predict(lr, x, y, cv=cv, groups=val["lesion_id"].to_numpy(), method="predict_proba"), present)
+                score = float(balanced_accuracy_score(y, oof.argmax(1)))
+                candidates.append(dict(models="+".join(models_), metadata=metadata, C=C, cv_balanced_accuracy=score))
+                if best is None or score > best[0]:
+                    best = (score, models_, metadata, C, x, oof)
+    score, models_, metadata, C, x, oof = best
+    estimator = _logistic(C).fit(x, y)
+    return DecisionLayer(list(models_), metadata, C, score, mel_threshold(oof, y, target_mel_recall), candidates, estimator)
+
+
+def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray], test: pd.DataFrame, out: Path | None = None) -> dict:
+    """Test metrics of a fitted decision layer (argmax, and at its melanoma
+    threshold); with ``out``, writes ``metrics.json`` and ``predictions.csv`` there."""
+    y = label_ids(test["dx"])
+    probs = layer.probs(test_probs, test)
+    pred = decide(probs, layer.mel_threshold)
+    at_threshold = classification_metrics(y, probs, pred)
+    result = dict(
+        decision_layer=layer.summary(),
+        candidates=layer.candidates,
+        calibrated=classification_metrics(y, probs),
+        mel_operating_point=dict(
+            threshold=layer.mel_threshold, **{k: at_threshold[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")}
+        ),
+    )
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        prediction_table(test, probs, pred).to_csv(out / "predictions.csv", index=False)
+    return result
+
+
+def run_probabilities(run: Path, split: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """A run's saved calibrated probabilities (``predictions.csv`` for test,
+    ``predictions_val.csv`` for validation) and the rows they belong to."""
+    path = Path(run) / ("predictions.csv" if split == "test" else f"predictions_{split}.csv")
+    if not path.exists():
+        raise DataError(f"{path}: no saved predictions; evaluate the run first (`python -m skin_lesion evaluate --run {run}`)")
+    table = pd.read_csv(path, dtype={"image_id": str, "lesion_id": str})
+    return table, table[list(CLASSES)].to_numpy(dtype=float)
+
+
+def aligned_probabilities(runs: list[Path], split: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Each run's probabilities on ``split``, rows aligned by ``image_id`` to the first run's."""
+    base, first = run_probabilities(runs[0], split)
+    out = {Path(runs[0]).name: first}
+    for run in runs[1:]:
+        table, _ = run_probabilities(run, split)
+        merged = base[["image_id"]].merge(table, on="image_id", how="left")
+        if merged[list(CLASSES)].isna().any().any():
+            raise DataError(f"{run}: its {split} rows differ from {runs[0]}'s; stack runs that share a split")
+        out[Path(run).name] = merged[list(CLASSES)].to_numpy(dtype=float)
+    return base, out
+
+
+def stack_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float = 0.8) -> dict:
+    """Fit a decision layer on the evaluated runs' validation predictions and
+    score it on their shared test split; writes ``metrics.json`` and
+    ``predictions.csv`` into ``out``."""
+    runs = [Path(r) for r in runs]
+    val, val_probs = aligned_probabilities(runs, "val")
+    test, test_probs = aligned_probabilities(runs, "test")
+    layer = fit_decision_layer(val_probs, val, target_mel_recall=target_mel_recall)
+    log.info("Decision layer: %s (validation CV balanced accuracy %.3f)", layer.summary(), layer.cv_balanced_accuracy)
+    return score_decision_layer(layer, test_probs, test, out)
+
+
 # --------------------------------------------------------------------------- subgroups
 
 
@@ -315,6 +475,9 @@ def score_predictions(
     suffix = "" if name == "test" else f"_{name}"
     (run / f"metrics{suffix}.json").write_text(json.dumps(result, indent=2))
     prediction_table(test, cal_test, pred).to_csv(run / f"predictions{suffix}.csv", index=False)
+    if name == "test":  # what a decision layer over several runs is fitted on
+        cal_val = apply_temperature(p_val, t)
+        prediction_table(val, cal_val, decide(cal_val, thr)).to_csv(run / "predictions_val.csv", index=False)
     return result
 
 

@@ -14,9 +14,12 @@ from skin_lesion.evaluate import (
     classification_metrics,
     decide,
     expected_calibration_error,
+    fit_decision_layer,
     fit_temperature,
     mel_threshold,
+    metadata_features,
     read_labels,
+    score_decision_layer,
     subgroup_table,
 )
 
@@ -87,3 +90,67 @@ def test_label_files_both_formats_and_errors(tmp_path):
         read_labels(tmp_path / "bad.csv")
     with pytest.raises(DataError, match="not found"):
         read_labels(tmp_path / "none.csv")
+
+
+def _stacking_frame(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rows with a label, lesion ids (2 images each) and metadata, where body site
+    carries information about the label that the image models miss."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, len(CLASSES), n // 2).repeat(2)
+    site = np.where(y == CLASSES.index("bkl"), "face", "back")
+    frame = pd.DataFrame(
+        {"image_id": [f"I{seed}_{i}" for i in range(n)], "lesion_id": [f"L{seed}_{i // 2}" for i in range(n)], "dx": [CLASSES[i] for i in y],
+         "age": rng.integers(20, 80, n).astype(float), "sex": rng.choice(["male", "female"], n), "localization": site}
+    )
+    return frame, y
+
+
+def _noisy_probs(y: np.ndarray, skill: float, seed: int, confuse: tuple[int, int] | None = None) -> np.ndarray:
+    """Softmax of label evidence ``skill`` plus noise; ``confuse`` makes two classes look alike."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(len(y), len(CLASSES)))
+    z[np.arange(len(y)), y] += skill
+    if confuse:
+        a, b = confuse
+        both = np.isin(y, confuse)
+        z[both, a] = z[both, b] = np.maximum(z[both, a], z[both, b])
+    p = np.exp(z)
+    return p / p.sum(1, keepdims=True)
+
+
+def test_decision_layer_keeps_what_helps_on_validation_and_scores_test():
+    bkl, nv = CLASSES.index("bkl"), CLASSES.index("nv")
+    val, yv = _stacking_frame(700, 0)
+    test, yt = _stacking_frame(700, 1)
+    # "good" separates every class but bkl from nv; "noise" knows nothing; the site does.
+    probs_val = {"good": _noisy_probs(yv, 3.0, 0, (bkl, nv)), "noise": _noisy_probs(yv, 0.0, 1)}
+    probs_test = {"good": _noisy_probs(yt, 3.0, 2, (bkl, nv)), "noise": _noisy_probs(yt, 0.0, 3)}
+    layer = fit_decision_layer(probs_val, val)
+    assert layer.metadata and "good" in layer.models
+    assert {"good", "noise", "good+noise"} == {c["models"] for c in layer.candidates}
+    assert len(layer.candidates) == 3 * 2 * 3
+    result = score_decision_layer(layer, probs_test, test)
+    alone = classification_metrics(yt, probs_test["good"])
+    assert result["calibrated"]["balanced_accuracy"] > alone["balanced_accuracy"] + 0.05
+    assert result["calibrated"]["per_class"]["bkl"]["recall"] > alone["per_class"]["bkl"]["recall"]
+    p = layer.probs(probs_test, test)
+    assert p.shape == (len(test), len(CLASSES)) and np.allclose(p.sum(1), 1)
+    assert 0 < result["mel_operating_point"]["threshold"] < 1
+
+
+def test_decision_layer_without_a_class_in_validation_still_returns_every_column():
+    val, yv = _stacking_frame(400, 0)
+    keep = yv != CLASSES.index("df")
+    val, yv = val[keep].reset_index(drop=True), yv[keep]
+    test, yt = _stacking_frame(200, 1)
+    layer = fit_decision_layer({"m": _noisy_probs(yv, 3.0, 0)}, val, Cs=(1.0,))
+    p = layer.probs({"m": _noisy_probs(yt, 3.0, 1)}, test)
+    assert p.shape == (len(test), len(CLASSES)) and (p[:, CLASSES.index("df")] == 0).all()
+
+
+def test_metadata_features_never_use_dx_type_and_handle_missing_values():
+    frame = pd.DataFrame({"age": [np.nan, 40.0], "sex": ["unknown", "female"], "localization": ["acral", "nowhere"], "dx_type": ["histo", "follow_up"]})
+    x = metadata_features(frame)
+    changed = metadata_features(frame.assign(dx_type=["consensus", "confocal"]))
+    assert np.array_equal(x, changed) and x.shape[0] == 2 and np.isfinite(x).all()
+    assert x[0, 2] == 1 and x[1, 2] == 0  # the missing-age flag

@@ -58,6 +58,16 @@ def test_smoke_train_evaluate_predict_on_demo(demo_run, demo_dir):
     assert res.stdout.count("%") >= 6 and "not a diagnosis" in res.stdout
 
 
+def test_stack_fits_a_decision_layer_on_validation(demo_run, tmp_path):
+    assert (demo_run / "predictions_val.csv").exists()
+    res = cli("stack", str(demo_run), "--out", str(tmp_path / "stacked"))
+    assert res.returncode == 0 and "decision layer: lite0" in res.stdout, res.stderr[-2000:]
+    metrics = json.loads((tmp_path / "stacked" / "metrics.json").read_text())
+    assert metrics["decision_layer"]["models"] == ["lite0"] and "balanced_accuracy" in metrics["calibrated"]
+    res = cli("stack", str(tmp_path / "no-run"), "--out", str(tmp_path / "x"))
+    assert res.returncode == 2 and "evaluate the run first" in res.stderr
+
+
 def test_predict_any_image_and_survives_bad_files(demo_run, demo_dir, tmp_path):
     src = Image.open(sorted((demo_dir / "images").iterdir())[0])
     src.convert("L").resize((37, 91)).save(tmp_path / "gray.png")
@@ -165,7 +175,7 @@ def test_user_errors_are_one_line_and_nonzero(tmp_path, args, message):
 
 
 def test_help_for_every_command():
-    for cmd in ("train", "evaluate", "predict", "report", "data", "tune"):
+    for cmd in ("train", "evaluate", "predict", "report", "data", "tune", "stack"):
         res = cli(cmd, "--help")
         assert res.returncode == 0 and "usage" in res.stdout
 
