@@ -278,6 +278,7 @@ def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray]
         decision_layer=layer.summary(),
         candidates=layer.candidates,
         calibrated=classification_metrics(y, probs),
+        intervals_95=lesion_bootstrap(y, probs, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
         mel_operating_point=dict(
             threshold=layer.mel_threshold, **{k: at_threshold[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")}
         ),
@@ -345,6 +346,29 @@ def bootstrap_ci(values: np.ndarray, stat, n: int = 300, seed: int = 0) -> tuple
         if s is not None and np.isfinite(s):
             stats.append(s)
     return (float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))) if stats else (np.nan, np.nan)
+
+
+def lesion_bootstrap(y: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None, n: int = 300, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of balanced accuracy, macro AUC and melanoma
+    recall (argmax), resampling whole lesions: images of one lesion are not
+    independent, so they are drawn together."""
+    codes = pd.factorize(pd.Series(groups if groups is not None else np.arange(len(y))))[0]
+    order = np.argsort(codes, kind="stable")
+    members = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {"balanced_accuracy": [], "macro_auc": [], "mel_recall": []}
+    pred = probs.argmax(1)
+    for _ in range(n):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        yy, pp, pr = y[idx], probs[idx], pred[idx]
+        present = np.unique(yy)
+        draws["balanced_accuracy"].append(float(np.mean([(pr[yy == c] == c).mean() for c in present])))
+        aucs = [roc_auc_score(yy == c, pp[:, c]) for c in present if 0 < (yy == c).sum() < len(yy)]
+        if aucs:
+            draws["macro_auc"].append(float(np.mean(aucs)))
+        if (yy == MEL).any():
+            draws["mel_recall"].append(float((pr[yy == MEL] == MEL).mean()))
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items() if v}
 
 
 def subgroup_table(pred: pd.DataFrame, by: str, min_n: int = 1) -> pd.DataFrame:
@@ -470,6 +494,7 @@ def score_predictions(
             **{k: v for k, v in classification_metrics(y_test, cal_test, pred).items() if k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")},
         ),
         validation=classification_metrics(y_val, apply_temperature(p_val, t)),
+        intervals_95=lesion_bootstrap(y_test, cal_test, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
     )
     run.mkdir(parents=True, exist_ok=True)
     suffix = "" if name == "test" else f"_{name}"

@@ -16,6 +16,7 @@ from skin_lesion.evaluate import (
     expected_calibration_error,
     fit_decision_layer,
     fit_temperature,
+    lesion_bootstrap,
     mel_threshold,
     metadata_features,
     read_labels,
@@ -154,3 +155,18 @@ def test_metadata_features_never_use_dx_type_and_handle_missing_values():
     changed = metadata_features(frame.assign(dx_type=["consensus", "confocal"]))
     assert np.array_equal(x, changed) and x.shape[0] == 2 and np.isfinite(x).all()
     assert x[0, 2] == 1 and x[1, 2] == 0  # the missing-age flag
+
+
+def test_lesion_bootstrap_intervals_bracket_the_estimate_and_widen_for_duplicated_lesions():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, len(CLASSES), 400)
+    pred = np.where(rng.random(400) < 0.7, y, rng.integers(0, len(CLASSES), 400))
+    probs = _onehot(pred, 0.6)
+    point = classification_metrics(y, probs)["balanced_accuracy"]
+    lo, hi = lesion_bootstrap(y, probs, np.arange(400))["balanced_accuracy"]
+    assert lo < point < hi and hi - lo < 0.2
+    # the same 400 rows as 100 lesions of 4 identical images: fewer independent units, wider interval
+    y4, probs4 = np.repeat(y[:100], 4), np.repeat(probs[:100], 4, axis=0)
+    lo4, hi4 = lesion_bootstrap(y4, probs4, np.repeat(np.arange(100), 4))["balanced_accuracy"]
+    lo1, hi1 = lesion_bootstrap(y4, probs4, np.arange(400))["balanced_accuracy"]
+    assert hi4 - lo4 > 1.5 * (hi1 - lo1)
