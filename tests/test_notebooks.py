@@ -41,7 +41,7 @@ def test_report_holds_every_expected_figure(report, study_data):
         run = f"smoke_{model}"
         expected += [f"03_{run}_{k}" for k in ("confusion_counts", "confusion_normalised", "per_class", "roc", "reliability")]
         expected += [f"04_{run}_gradcam"] + [f"05_{run}_{m}_by_group" for m in ("balanced_accuracy", "mel_recall", "ece")]
-    expected += ["03_model_comparison", "03_ensemble_confusion_counts"]
+    expected += ["03_model_comparison", "03_ensemble_confusion_counts", "03_stacked_confusion_counts", "03_stacked_roc"]
     missing = [n for n in expected if n not in names]
     assert not missing, missing
     for n in expected:
