@@ -383,7 +383,10 @@ def subgroup_table(pred: pd.DataFrame, by: str, min_n: int = 1) -> pd.DataFrame:
         yp = np.column_stack([y, g["pred"].to_numpy(), np.arange(len(g))])
 
         def bal(a):
-            return balanced_accuracy_score(a[:, 0], a[:, 1]) if len(np.unique(a[:, 0])) > 0 else None
+            # mean recall over the classes present in this group (sklearn's score, without its
+            # warning that a group lacks some predicted class, which is expected in small groups)
+            present = np.unique(a[:, 0])
+            return float(np.mean([(a[a[:, 0] == c, 1] == c).mean() for c in present])) if len(present) else None
 
         def mel_rec(a):
             m = a[:, 0] == MEL

@@ -75,6 +75,11 @@ def tune(run: str | Path, data: str | None = None, trials: int = 6, epochs: int 
     for trial in tuner.oracle.trials.values():
         rows.append({"trial": trial.trial_id, "status": trial.status, "val_balanced_accuracy": trial.score, **trial.hyperparameters.values})
     table = pd.DataFrame(rows).sort_values("val_balanced_accuracy", ascending=False)
+    failed = int((table["status"] != "COMPLETED").sum())
+    if failed == len(table):
+        raise RuntimeError(f"every one of the {failed} tuning trials failed (KerasTuner's log above says why); no best config written")
+    if failed:
+        log.warning("Tuning: %d of %d trials failed; the best config comes from the others", failed, len(table))
     table.to_csv(run / "trials.csv", index=False)
     best = tuner.get_best_hyperparameters(1)[0].values
     best_cfg = TrainConfig(**{**asdict(cfg), "image_size": best["image_size"], "dropout": best["dropout"], "unfreeze_from": best["unfreeze_from"],
