@@ -177,11 +177,14 @@ SITES: tuple[str, ...] = (
 def metadata_features(frame: pd.DataFrame) -> np.ndarray:
     """Age (scaled, squared, missing flag), sex and body site one-hot: what a
     clinician knows before the biopsy. Never ``dx_type``, which reveals the label."""
-    age = pd.to_numeric(frame.get("age"), errors="coerce").to_numpy(dtype=float) if "age" in frame else np.full(len(frame), np.nan)
+    def column(name: str) -> pd.Series:  # an absent column reads as all unknown
+        return frame[name] if name in frame else pd.Series([None] * len(frame), index=frame.index)
+
+    age = pd.to_numeric(column("age"), errors="coerce").to_numpy(dtype=float)
     missing = np.isnan(age)
     a = np.where(missing, 50.0, age) / 100
-    sex = np.stack([(frame.get("sex", pd.Series([""] * len(frame))) == s).to_numpy() for s in ("male", "female")], 1)
-    site = np.stack([(frame.get("localization", pd.Series([""] * len(frame))) == s).to_numpy() for s in SITES], 1)
+    sex = np.stack([column("sex").eq(s).to_numpy() for s in ("male", "female")], 1)
+    site = np.stack([column("localization").eq(s).to_numpy() for s in SITES], 1)
     return np.column_stack([a, a**2, missing, sex, site]).astype(float)
 
 

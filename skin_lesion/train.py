@@ -285,7 +285,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     meta = prepare_split(cfg, ds, run)
     parts = {name: meta[meta["split"] == name] for name in ("train", "val")}
     size = (cfg.image_size, cfg.image_size)
-    in_pipeline = cfg.augment if (cfg.augment_on or "pipeline") == "pipeline" else False
+    in_pipeline = cfg.augment if (cfg.augment_on or "pipeline") == "pipeline" else False  # runs from before augment_on: tf.data
     train_pipe = make_pipeline(parts["train"], size, cfg.batch_size, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed)
     val_pipe = make_pipeline(parts["val"], size, cfg.batch_size)
     val_labels = label_ids(parts["val"]["dx"])
