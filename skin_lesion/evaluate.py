@@ -351,6 +351,12 @@ def bootstrap_ci(values: np.ndarray, stat, n: int = 300, seed: int = 0) -> tuple
     return (float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))) if stats else (np.nan, np.nan)
 
 
+def mean_recall(y: np.ndarray, pred: np.ndarray) -> float:
+    """Balanced accuracy over the classes present in ``y`` (sklearn's score without its
+    warning when ``pred`` holds other classes, which is routine in resamples and small groups)."""
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+
+
 def lesion_bootstrap(y: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None, n: int = 300, seed: int = 0) -> dict[str, tuple[float, float]]:
     """95% percentile intervals of balanced accuracy, macro AUC and melanoma
     recall (argmax), resampling whole lesions: images of one lesion are not
@@ -364,9 +370,8 @@ def lesion_bootstrap(y: np.ndarray, probs: np.ndarray, groups: np.ndarray | None
     for _ in range(n):
         idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
         yy, pp, pr = y[idx], probs[idx], pred[idx]
-        present = np.unique(yy)
-        draws["balanced_accuracy"].append(float(np.mean([(pr[yy == c] == c).mean() for c in present])))
-        aucs = [roc_auc_score(yy == c, pp[:, c]) for c in present if 0 < (yy == c).sum() < len(yy)]
+        draws["balanced_accuracy"].append(mean_recall(yy, pr))
+        aucs = [roc_auc_score(yy == c, pp[:, c]) for c in np.unique(yy) if 0 < (yy == c).sum() < len(yy)]
         if aucs:
             draws["macro_auc"].append(float(np.mean(aucs)))
         if (yy == MEL).any():
@@ -386,10 +391,7 @@ def subgroup_table(pred: pd.DataFrame, by: str, min_n: int = 1) -> pd.DataFrame:
         yp = np.column_stack([y, g["pred"].to_numpy(), np.arange(len(g))])
 
         def bal(a):
-            # mean recall over the classes present in this group (sklearn's score, without its
-            # warning that a group lacks some predicted class, which is expected in small groups)
-            present = np.unique(a[:, 0])
-            return float(np.mean([(a[a[:, 0] == c, 1] == c).mean() for c in present])) if len(present) else None
+            return mean_recall(a[:, 0], a[:, 1]) if len(a) else None
 
         def mel_rec(a):
             m = a[:, 0] == MEL
