@@ -76,7 +76,31 @@ def _print_metrics(m: dict) -> None:
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall"):
         print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
     print(f"  ECE raw {m['raw']['ece']:.4f} -> calibrated {c['ece']:.4f} (T={m['temperature']:.2f})")
-    print(f"  melanoma operating point p>={op['threshold']:.3f}: recall {op['mel_recall']}, specificity {op['mel_specificity']:.4f}")
+    print(_operating_point_line(op))
+
+
+def _operating_point_line(op: dict) -> str:
+    """The melanoma operating point: how it was chosen on validation, what it gives on test."""
+    def num(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    how = f"target {op.get('target_recall_on_val', 0.8)} on validation" + (f" with {op['confidence']:.0%} confidence" if op.get("confidence") else "")
+    return (f"  melanoma operating point p>={op['threshold']:.3f} ({how}; validation recall {num(op.get('val_mel_recall'))}): "
+            f"recall {num(op['mel_recall'])}, specificity {num(op['mel_specificity'])}")
+
+
+def _operating_point(args) -> dict:
+    """The melanoma operating-point options shared by evaluate and stack (confidence 0 = no margin)."""
+    return dict(target_mel_recall=args.target_mel_recall, mel_confidence=args.mel_confidence or None)
+
+
+def _add_operating_point(parser: argparse.ArgumentParser) -> None:
+    """--target-mel-recall and --mel-confidence, for commands that choose a melanoma threshold on validation."""
+    parser.add_argument("--target-mel-recall", dest="target_mel_recall", type=float, default=0.8, help="melanoma sensitivity to reach on validation (default 0.8)")
+    parser.add_argument(
+        "--mel-confidence", dest="mel_confidence", type=float, default=0.95,
+        help="reach the target in this share of lesion-grouped resamples of validation (default 0.95; 0 = on validation as it is)",
+    )
 
 
 def _evaluate_cmd(args) -> int:
@@ -84,7 +108,7 @@ def _evaluate_cmd(args) -> int:
 
     if bool(args.images) != bool(args.labels):
         raise SystemExit("evaluate: --images and --labels go together")
-    _print_metrics(evaluate_run(args.run, images=args.images, labels=args.labels, tta=args.tta))
+    _print_metrics(evaluate_run(args.run, images=args.images, labels=args.labels, tta=args.tta, **_operating_point(args)))
     return 0
 
 
@@ -113,13 +137,13 @@ def _predict_cmd(args) -> int:
 def _stack_cmd(args) -> int:
     from skin_lesion.evaluate import stack_runs
 
-    m = stack_runs(args.runs, args.out)
+    m = stack_runs(args.runs, args.out, **_operating_point(args))
     layer, c, op = m["decision_layer"], m["calibrated"], m["mel_operating_point"]
     print(f"decision layer: {' + '.join(layer['models'])}{' + metadata' if layer['metadata'] else ''}, C={layer['C']} "
           f"(validation CV balanced accuracy {layer['cv_balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall", "ece"):
         print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
-    print(f"  melanoma operating point p>={op['threshold']:.3f}: recall {op['mel_recall']}, specificity {op['mel_specificity']:.4f}")
+    print(_operating_point_line(op))
     return 0
 
 
@@ -190,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", help="external image folder")
     e.add_argument("--labels", help="external labels CSV: image_id,dx or ISIC one-hot")
     e.add_argument("--tta", type=int, default=8)
+    _add_operating_point(e)
     e.set_defaults(func=_evaluate_cmd)
 
     r = sub.add_parser("predict", help="top-3 diagnoses for images")
@@ -202,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stack", help="fit a decision layer (stacked models, optional metadata) on validation; score it on test")
     st.add_argument("runs", nargs="+", help="evaluated run folders that share a split")
     st.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
+    _add_operating_point(st)
     st.set_defaults(func=_stack_cmd)
 
     rep = sub.add_parser("report", help="run the notebooks headless and write reports/report.html")

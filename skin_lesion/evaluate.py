@@ -149,13 +149,36 @@ def apply_temperature(probs: np.ndarray, t: float) -> np.ndarray:
     return z / z.sum(1, keepdims=True)
 
 
-def mel_threshold(probs: np.ndarray, y: np.ndarray, target_recall: float = 0.8) -> float:
-    """Highest p(mel) threshold whose melanoma recall on these (validation) rows reaches ``target_recall``."""
-    p = np.sort(probs[y == MEL, MEL])[::-1]
+def _recall_threshold(p_mel: np.ndarray, target_recall: float) -> float:
+    """Highest threshold on melanomas' p(mel) that keeps ``target_recall`` of them at or above it."""
+    p = np.sort(p_mel)[::-1]
     if len(p) == 0:
         return 0.5
     k = int(np.ceil(target_recall * len(p))) - 1
     return float(p[min(max(k, 0), len(p) - 1)])
+
+
+def mel_threshold(
+    probs: np.ndarray, y: np.ndarray, target_recall: float = 0.8, groups: np.ndarray | None = None, confidence: float | None = None, n: int = 300, seed: int = 0
+) -> float:
+    """p(mel) threshold for a melanoma operating point chosen on these (validation) rows.
+
+    Without ``confidence``: the highest threshold whose recall on these rows
+    reaches ``target_recall``. With ``confidence`` (say 0.95): the threshold is
+    lowered until the target is reached in that share of lesion-grouped
+    bootstrap resamples of the rows, a margin for the sampling noise of a
+    validation split with a few hundred melanomas, wider the fewer it holds.
+    """
+    point = _recall_threshold(probs[y == MEL, MEL], target_recall)
+    if not confidence or not (y == MEL).any():
+        return point
+    draws = [_recall_threshold(probs[idx][y[idx] == MEL, MEL], target_recall) for idx in lesion_resamples(len(y), groups, n, seed) if (y[idx] == MEL).any()]
+    return float(min(point, np.quantile(draws, 1 - confidence)))
+
+
+def _mel_recall_at(probs: np.ndarray, y: np.ndarray, threshold: float) -> float | None:
+    """Melanoma recall of ``decide(probs, threshold)`` on these rows (None without melanomas)."""
+    return float((decide(probs, threshold)[y == MEL] == MEL).mean()) if (y == MEL).any() else None
 
 
 def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -217,6 +240,9 @@ class DecisionLayer:
     mel_threshold: float
     candidates: list[dict]
     estimator: object = None
+    target_mel_recall: float = 0.8
+    mel_confidence: float | None = None
+    val_mel_recall: float | None = None  # out-of-fold, at mel_threshold
 
     def probs(self, probs: dict[str, np.ndarray], frame: pd.DataFrame) -> np.ndarray:
         """Probabilities for rows of ``frame`` from each model's probabilities."""
@@ -224,7 +250,8 @@ class DecisionLayer:
         return _all_classes(p, self.estimator.classes_)
 
     def summary(self) -> dict:
-        return dict(models=self.models, metadata=self.metadata, C=self.C, cv_balanced_accuracy=self.cv_balanced_accuracy, mel_threshold=self.mel_threshold)
+        keys = ("models", "metadata", "C", "cv_balanced_accuracy", "mel_threshold", "target_mel_recall", "mel_confidence", "val_mel_recall")
+        return {k: getattr(self, k) for k in keys}
 
 
 def _logistic(C: float):
@@ -237,7 +264,13 @@ def _logistic(C: float):
 
 
 def fit_decision_layer(
-    val_probs: dict[str, np.ndarray], val: pd.DataFrame, Cs: tuple[float, ...] = (0.01, 0.1, 1.0), folds: int = 5, target_mel_recall: float = 0.8, seed: int = 0
+    val_probs: dict[str, np.ndarray],
+    val: pd.DataFrame,
+    Cs: tuple[float, ...] = (0.01, 0.1, 1.0),
+    folds: int = 5,
+    target_mel_recall: float = 0.8,
+    mel_confidence: float | None = 0.95,
+    seed: int = 0,
 ) -> DecisionLayer:
     """Choose, by lesion-grouped cross-validation on the validation split, which
     models to stack (each alone, or all), with or without metadata, and the
@@ -267,7 +300,12 @@ def fit_decision_layer(
                     best = (score, models_, metadata, C, x, oof)
     score, models_, metadata, C, x, oof = best
     estimator = _logistic(C).fit(x, y)
-    return DecisionLayer(list(models_), metadata, C, score, mel_threshold(oof, y, target_mel_recall), candidates, estimator)
+    groups = val["lesion_id"].to_numpy()
+    threshold = mel_threshold(oof, y, target_mel_recall, groups, mel_confidence)
+    return DecisionLayer(
+        list(models_), metadata, C, score, threshold, candidates, estimator,
+        target_mel_recall=target_mel_recall, mel_confidence=mel_confidence, val_mel_recall=_mel_recall_at(oof, y, threshold),
+    )
 
 
 def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray], test: pd.DataFrame, out: Path | None = None) -> dict:
@@ -283,7 +321,8 @@ def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray]
         calibrated=classification_metrics(y, probs),
         intervals_95=lesion_bootstrap(y, probs, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
         mel_operating_point=dict(
-            threshold=layer.mel_threshold, **{k: at_threshold[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")}
+            threshold=layer.mel_threshold, target_recall_on_val=layer.target_mel_recall, confidence=layer.mel_confidence, val_mel_recall=layer.val_mel_recall,
+            **{k: at_threshold[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")}
         ),
     )
     if out is not None:
@@ -317,14 +356,14 @@ def aligned_probabilities(runs: list[Path], split: str) -> tuple[pd.DataFrame, d
     return base, out
 
 
-def stack_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float = 0.8) -> dict:
+def stack_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95) -> dict:
     """Fit a decision layer on the evaluated runs' validation predictions and
     score it on their shared test split; writes ``metrics.json`` and
     ``predictions.csv`` into ``out``."""
     runs = [Path(r) for r in runs]
     val, val_probs = aligned_probabilities(runs, "val")
     test, test_probs = aligned_probabilities(runs, "test")
-    layer = fit_decision_layer(val_probs, val, target_mel_recall=target_mel_recall)
+    layer = fit_decision_layer(val_probs, val, target_mel_recall=target_mel_recall, mel_confidence=mel_confidence)
     log.info("Decision layer: %s (validation CV balanced accuracy %.3f)", layer.summary(), layer.cv_balanced_accuracy)
     return score_decision_layer(layer, test_probs, test, out)
 
@@ -357,18 +396,23 @@ def mean_recall(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
 
 
-def lesion_bootstrap(y: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None, n: int = 300, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals of balanced accuracy, macro AUC and melanoma
-    recall (argmax), resampling whole lesions: images of one lesion are not
-    independent, so they are drawn together."""
-    codes = pd.factorize(pd.Series(groups if groups is not None else np.arange(len(y))))[0]
+def lesion_resamples(n_rows: int, groups: np.ndarray | None = None, n: int = 300, seed: int = 0):
+    """Yield ``n`` bootstrap row indices that draw whole lesions (rows sharing a
+    group), since images of one lesion are not independent; no groups: rows."""
+    codes = pd.factorize(pd.Series(groups if groups is not None else np.arange(n_rows)))[0]
     order = np.argsort(codes, kind="stable")
     members = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
     rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+
+
+def lesion_bootstrap(y: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None, n: int = 300, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of balanced accuracy, macro AUC and melanoma
+    recall (argmax), resampling whole lesions."""
     draws: dict[str, list[float]] = {"balanced_accuracy": [], "macro_auc": [], "mel_recall": []}
     pred = probs.argmax(1)
-    for _ in range(n):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+    for idx in lesion_resamples(len(y), groups, n, seed):
         yy, pp, pr = y[idx], probs[idx], pred[idx]
         draws["balanced_accuracy"].append(mean_recall(yy, pr))
         aucs = [roc_auc_score(yy == c, pp[:, c]) for c in np.unique(yy) if 0 < (yy == c).sum() < len(yy)]
@@ -462,13 +506,21 @@ def run_frames(run: Path) -> tuple[pd.DataFrame, TrainConfig]:
     return prepare_split(cfg, ds, Path(run)), cfg
 
 
-def evaluate_run(run: str | Path, images: Path | None = None, labels: Path | None = None, tta: int = 8, target_mel_recall: float = 0.8, out_name: str | None = None) -> dict:
+def evaluate_run(
+    run: str | Path,
+    images: Path | None = None,
+    labels: Path | None = None,
+    tta: int = 8,
+    target_mel_recall: float = 0.8,
+    mel_confidence: float | None = 0.95,
+    out_name: str | None = None,
+) -> dict:
     """Score a run on its test split (or an external set) and write ``metrics.json``
     and ``predictions.csv`` into the run folder.
 
     Reported: raw argmax metrics, calibrated metrics (temperature fitted on
     validation), and the melanoma operating point (threshold chosen on
-    validation for ``target_mel_recall``).
+    validation for ``target_mel_recall`` with ``mel_confidence``; see ``mel_threshold``).
     """
     run = Path(run)
     model, cfg = load_run_model(run)
@@ -477,17 +529,28 @@ def evaluate_run(run: str | Path, images: Path | None = None, labels: Path | Non
     test = external_frame(images, labels) if images else meta[meta["split"] == "test"]
     p_val = predict_probs(model, val, cfg.image_size, tta=tta)
     p_test = predict_probs(model, test, cfg.image_size, tta=tta)
-    return score_predictions(run, cfg, val, p_val, test, p_test, tta, target_mel_recall, out_name or ("external" if images else "test"))
+    name = out_name or ("external" if images else "test")
+    return score_predictions(run, cfg, val, p_val, test, p_test, tta, target_mel_recall, name, mel_confidence)
 
 
 def score_predictions(
-    run: Path, cfg: TrainConfig | None, val: pd.DataFrame, p_val: np.ndarray, test: pd.DataFrame, p_test: np.ndarray, tta: int, target_mel_recall: float, name: str
+    run: Path,
+    cfg: TrainConfig | None,
+    val: pd.DataFrame,
+    p_val: np.ndarray,
+    test: pd.DataFrame,
+    p_test: np.ndarray,
+    tta: int,
+    target_mel_recall: float,
+    name: str,
+    mel_confidence: float | None = 0.95,
 ) -> dict:
     """Metrics, calibration and operating point from validation and test probabilities; writes files."""
     y_val, y_test = label_ids(val["dx"]), label_ids(test["dx"])
     t = fit_temperature(p_val, y_val)
     cal_test = apply_temperature(p_test, t)
-    thr = mel_threshold(apply_temperature(p_val, t), y_val, target_mel_recall)
+    cal_val = apply_temperature(p_val, t)
+    thr = mel_threshold(cal_val, y_val, target_mel_recall, val["lesion_id"].to_numpy() if "lesion_id" in val else None, mel_confidence)
     pred = decide(cal_test, thr)
     result = dict(
         run=str(run),
@@ -498,10 +561,10 @@ def score_predictions(
         temperature=t,
         calibrated=classification_metrics(y_test, cal_test),
         mel_operating_point=dict(
-            threshold=thr, target_recall_on_val=target_mel_recall,
+            threshold=thr, target_recall_on_val=target_mel_recall, confidence=mel_confidence, val_mel_recall=_mel_recall_at(cal_val, y_val, thr),
             **{k: v for k, v in classification_metrics(y_test, cal_test, pred).items() if k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")},
         ),
-        validation=classification_metrics(y_val, apply_temperature(p_val, t)),
+        validation=classification_metrics(y_val, cal_val),
         intervals_95=lesion_bootstrap(y_test, cal_test, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
     )
     run.mkdir(parents=True, exist_ok=True)
@@ -509,7 +572,6 @@ def score_predictions(
     (run / f"metrics{suffix}.json").write_text(json.dumps(result, indent=2))
     prediction_table(test, cal_test, pred).to_csv(run / f"predictions{suffix}.csv", index=False)
     if name == "test":  # what a decision layer over several runs is fitted on
-        cal_val = apply_temperature(p_val, t)
         prediction_table(val, cal_val, decide(cal_val, thr)).to_csv(run / "predictions_val.csv", index=False)
     return result
 

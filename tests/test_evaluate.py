@@ -68,6 +68,36 @@ def test_melanoma_threshold_reaches_target_recall_on_its_data():
     assert (decide(probs, t)[y == MEL] == MEL).mean() >= by_threshold  # argmax can only add melanoma calls
 
 
+def test_confident_threshold_leaves_a_margin_that_grows_with_fewer_melanomas_and_clustered_lesions():
+    rng = np.random.default_rng(3)
+
+    def rows(n_mel: int, copies: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """n_mel melanomas and 4x as many others; each lesion photographed ``copies`` times."""
+        y = np.r_[np.full(n_mel, MEL), rng.choice([c for c in range(len(CLASSES)) if c != MEL], 4 * n_mel)]
+        p_mel = np.clip(np.where(y == MEL, rng.normal(0.6, 0.2, len(y)), rng.normal(0.25, 0.15, len(y))), 0.001, 0.999)
+        probs = np.column_stack([np.full(len(y), 1.0)] * len(CLASSES))
+        probs[:, MEL] = p_mel * (len(CLASSES) - 1) / (1 - p_mel)  # so p(mel) is p_mel after normalising
+        probs /= probs.sum(1, keepdims=True)
+        return np.repeat(y, copies), np.repeat(probs, copies, axis=0), np.repeat(np.arange(len(y)), copies)
+
+    def recall(probs, y, t):
+        return float((probs[y == MEL, MEL] >= t).mean())
+
+    y, probs, groups = rows(100)
+    point = mel_threshold(probs, y, 0.8)
+    sure = mel_threshold(probs, y, 0.8, groups, confidence=0.95)
+    assert sure < point and recall(probs, y, sure) > recall(probs, y, point) >= 0.8
+    margin = recall(probs, y, sure) - recall(probs, y, point)
+    y_few, probs_few, groups_few = rows(25)
+    few = recall(probs_few, y_few, mel_threshold(probs_few, y_few, 0.8, groups_few, 0.95)) - recall(probs_few, y_few, mel_threshold(probs_few, y_few, 0.8))
+    assert few > margin  # a quarter of the melanomas: a wider margin
+    y4, probs4, groups4 = rows(25, copies=4)  # 100 melanoma images, but only 25 lesions
+    as_rows = mel_threshold(probs4, y4, 0.8, np.arange(len(y4)), 0.95)
+    as_lesions = mel_threshold(probs4, y4, 0.8, groups4, 0.95)
+    assert recall(probs4, y4, as_lesions) > recall(probs4, y4, as_rows)
+    assert mel_threshold(probs, y, 0.8, groups, confidence=None) == point
+
+
 def test_subgroups_have_counts_and_intervals():
     rng = np.random.default_rng(2)
     n = 300

@@ -64,6 +64,12 @@ def test_stack_fits_a_decision_layer_on_validation(demo_run, tmp_path):
     assert res.returncode == 0 and "decision layer: lite0" in res.stdout, res.stderr[-2000:]
     metrics = json.loads((tmp_path / "stacked" / "metrics.json").read_text())
     assert metrics["decision_layer"]["models"] == ["lite0"] and "balanced_accuracy" in metrics["calibrated"]
+    op = metrics["mel_operating_point"]
+    assert op["target_recall_on_val"] == 0.8 and op["confidence"] == 0.95 and "with 95% confidence" in res.stdout
+    res = cli("stack", str(demo_run), "--out", str(tmp_path / "plain"), "--target-mel-recall", "0.9", "--mel-confidence", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    op = json.loads((tmp_path / "plain" / "metrics.json").read_text())["mel_operating_point"]
+    assert op["target_recall_on_val"] == 0.9 and op["confidence"] is None and "with" not in res.stdout.split("operating point")[1]
     res = cli("stack", str(tmp_path / "no-run"), "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "evaluate the run first" in res.stderr
 
