@@ -147,6 +147,19 @@ def _stack_cmd(args) -> int:
     return 0
 
 
+def _summarize_cmd(args) -> int:
+    from skin_lesion.evaluate import summarize_runs
+
+    table = summarize_runs(args.runs)
+    print(table.round(4).to_string())
+    if "mean" in table.index:
+        n = len(table) - 2
+        print("mean ± sd over", n, "runs: " + ", ".join(f"{k} {table.loc['mean', k]:.3f} ± {table.loc['sd', k]:.3f}" for k in ("balanced_accuracy", "macro_auc", "op_mel_recall")))
+    if args.csv:
+        table.to_csv(args.csv)
+    return 0
+
+
 def _report_cmd(args) -> int:
     from skin_lesion.report import build_report
 
@@ -229,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
     _add_operating_point(st)
     st.set_defaults(func=_stack_cmd)
+
+    su = sub.add_parser("summarize", help="test metrics of several runs (seeds, folds) side by side, with mean and sd")
+    su.add_argument("runs", nargs="+", help="evaluated run folders or stack outputs")
+    su.add_argument("--csv", help="also write the table here")
+    su.set_defaults(func=_summarize_cmd)
 
     rep = sub.add_parser("report", help="run the notebooks headless and write reports/report.html")
     rep.add_argument("--profile", choices=["smoke", "cpu", "gpu"], default="smoke")

@@ -368,6 +368,34 @@ def stack_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float
     return score_decision_layer(layer, test_probs, test, out)
 
 
+# --------------------------------------------------------------------------- spread over seeds and folds
+
+SUMMARY_COLUMNS: tuple[str, ...] = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "mel_recall", "ece", "op_mel_recall", "op_mel_specificity")
+
+
+def summarize_runs(runs: list[str | Path]) -> pd.DataFrame:
+    """Headline test metrics of evaluated runs (or ``stack`` outputs), one row
+    each, then ``mean`` and ``sd`` rows: the spread over seeds, splits or folds.
+
+    Calibrated argmax metrics, and the melanoma operating point (``op_``).
+    """
+    rows = {}
+    for run in map(Path, runs):
+        path = run / "metrics.json"
+        if not path.exists():
+            raise DataError(f"{path}: missing; evaluate the run (`python -m skin_lesion evaluate --run {run}`) or stack it first")
+        m = json.loads(path.read_text())
+        c, op = m["calibrated"], m.get("mel_operating_point", {})
+        row = {k: c.get(k) for k in SUMMARY_COLUMNS[:6]}
+        row.update(op_mel_recall=op.get("mel_recall"), op_mel_specificity=op.get("mel_specificity"))
+        rows[str(run)] = row
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(SUMMARY_COLUMNS)).astype(float)
+    if len(table) > 1:
+        table.loc["mean"] = table.iloc[: len(rows)].mean()
+        table.loc["sd"] = table.iloc[: len(rows)].std(ddof=1)
+    return table
+
+
 # --------------------------------------------------------------------------- subgroups
 
 

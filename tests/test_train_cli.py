@@ -74,6 +74,19 @@ def test_stack_fits_a_decision_layer_on_validation(demo_run, tmp_path):
     assert res.returncode == 2 and "evaluate the run first" in res.stderr
 
 
+def test_summarize_gives_each_run_and_mean_and_sd(demo_run, tmp_path):
+    stacked = tmp_path / "stacked"
+    assert cli("stack", str(demo_run), "--out", str(stacked)).returncode == 0
+    res = cli("summarize", str(demo_run), str(stacked), "--csv", str(tmp_path / "s.csv"))
+    assert res.returncode == 0 and "mean ± sd over 2 runs" in res.stdout, res.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "s.csv", index_col=0)
+    runs = table.loc[[str(demo_run), str(stacked)], "balanced_accuracy"]
+    assert table.loc["mean", "balanced_accuracy"] == pytest.approx(runs.mean())
+    assert table.loc["sd", "balanced_accuracy"] == pytest.approx(runs.std(ddof=1))
+    res = cli("summarize", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and "metrics.json: missing" in res.stderr
+
+
 def test_predict_any_image_and_survives_bad_files(demo_run, demo_dir, tmp_path):
     src = Image.open(sorted((demo_dir / "images").iterdir())[0])
     src.convert("L").resize((37, 91)).save(tmp_path / "gray.png")
