@@ -9,6 +9,7 @@ are fitted on the validation split only, never on test.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -273,17 +274,19 @@ def fit_decision_layer(
     seed: int = 0,
 ) -> DecisionLayer:
     """Choose, by lesion-grouped cross-validation on the validation split, which
-    models to stack (each alone, or all), with or without metadata, and the
+    models to stack (every non-empty subset), with or without metadata, and the
     regularisation C; refit the best on all of validation.
 
     The candidates include each model alone without metadata, so the ensemble
-    and the metadata are kept only when validation says they help.
+    and the metadata are kept only when validation says they help; with three
+    or more models, every pair is a candidate too, so a weak extra model cannot
+    push out a pair that helps.
     """
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
     y = label_ids(val["dx"])
     names = list(val_probs)
-    sets = [[n] for n in names] + ([names] if len(names) > 1 else [])
+    sets = [list(c) for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
     present = np.unique(y)
     k = max(2, min(folds, int(np.bincount(y)[present].min())))  # every fold can hold every class
     cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)

@@ -169,6 +169,16 @@ def test_decision_layer_keeps_what_helps_on_validation_and_scores_test():
     assert 0 < result["mel_operating_point"]["threshold"] < 1
 
 
+def test_decision_layer_weighs_every_subset_of_three_models():
+    val, yv = _stacking_frame(500, 0)
+    probs_val = {"a": _noisy_probs(yv, 1.5, 0), "b": _noisy_probs(yv, 1.5, 1), "noise": _noisy_probs(yv, 0.0, 2)}
+    layer = fit_decision_layer(probs_val, val, Cs=(0.1,))
+    assert {c["models"] for c in layer.candidates} == {"a", "b", "noise", "a+b", "a+noise", "b+noise", "a+b+noise"}
+    score = {(c["models"], c["metadata"]): c["cv_balanced_accuracy"] for c in layer.candidates}
+    assert score["a+b", False] > max(score["a", False], score["b", False]) + 0.05  # two independent views beat either alone
+    assert {"a", "b"} <= set(layer.models)
+
+
 def test_decision_layer_without_a_class_in_validation_still_returns_every_column():
     val, yv = _stacking_frame(400, 0)
     keep = yv != CLASSES.index("df")
