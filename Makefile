@@ -28,6 +28,7 @@ test: setup
 bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/inference.py
+	$(PY) bench/frozen_cache.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
