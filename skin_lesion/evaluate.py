@@ -182,6 +182,17 @@ def _mel_recall_at(probs: np.ndarray, y: np.ndarray, threshold: float) -> float 
     return float((decide(probs, threshold)[y == MEL] == MEL).mean()) if (y == MEL).any() else None
 
 
+def operating_point(y: np.ndarray, probs: np.ndarray, threshold: float, target_recall: float, confidence: float | None, val_mel_recall: float | None) -> dict:
+    """The ``mel_operating_point`` record: how the threshold was chosen on
+    validation, and accuracy, balanced accuracy, macro-F1 and melanoma
+    recall / specificity on these (test) rows when it decides."""
+    at = classification_metrics(y, probs, decide(probs, threshold))
+    return dict(
+        threshold=threshold, target_recall_on_val=target_recall, confidence=confidence, val_mel_recall=val_mel_recall,
+        **{k: at[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")},
+    )
+
+
 def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
     """Predicted class: melanoma when p(mel) reaches the threshold, else the most probable class."""
     pred = probs.argmax(1)
@@ -317,16 +328,12 @@ def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray]
     y = label_ids(test["dx"])
     probs = layer.probs(test_probs, test)
     pred = decide(probs, layer.mel_threshold)
-    at_threshold = classification_metrics(y, probs, pred)
     result = dict(
         decision_layer=layer.summary(),
         candidates=layer.candidates,
         calibrated=classification_metrics(y, probs),
         intervals_95=lesion_bootstrap(y, probs, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
-        mel_operating_point=dict(
-            threshold=layer.mel_threshold, target_recall_on_val=layer.target_mel_recall, confidence=layer.mel_confidence, val_mel_recall=layer.val_mel_recall,
-            **{k: at_threshold[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")}
-        ),
+        mel_operating_point=operating_point(y, probs, layer.mel_threshold, layer.target_mel_recall, layer.mel_confidence, layer.val_mel_recall),
     )
     if out is not None:
         out = Path(out)
@@ -591,10 +598,7 @@ def score_predictions(
         raw=classification_metrics(y_test, p_test),
         temperature=t,
         calibrated=classification_metrics(y_test, cal_test),
-        mel_operating_point=dict(
-            threshold=thr, target_recall_on_val=target_mel_recall, confidence=mel_confidence, val_mel_recall=_mel_recall_at(cal_val, y_val, thr),
-            **{k: v for k, v in classification_metrics(y_test, cal_test, pred).items() if k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")},
-        ),
+        mel_operating_point=operating_point(y_test, cal_test, thr, target_mel_recall, mel_confidence, _mel_recall_at(cal_val, y_val, thr)),
         validation=classification_metrics(y_val, cal_val),
         intervals_95=lesion_bootstrap(y_test, cal_test, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
     )
