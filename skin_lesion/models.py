@@ -101,6 +101,32 @@ class CaffePreprocess(layers.Layer):
         return keras.ops.flip(x, axis=-1) - mean
 
 
+@keras.saving.register_keras_serializable(package="skin_lesion")
+class PriorShift(layers.Layer):
+    """Undoes a skewed training class mix at inference: p(c|x) / prior(c), renormalised.
+
+    A model trained on batches that draw class c with probability ``prior[c]``
+    learns posteriors under that mix; dividing by it gives the posterior under
+    equal classes, whose argmax is what balanced accuracy rewards (post-hoc logit
+    adjustment, Menon et al., ICLR 2021). In training the layer passes its input
+    through, so the loss sees the mix it was drawn from.
+    """
+
+    def __init__(self, prior, **kwargs):
+        super().__init__(**kwargs)
+        self.prior = [float(p) for p in prior]
+
+    def call(self, probs, training=None):
+        if training:
+            return probs
+        ops = keras.ops
+        log_prior = ops.log(ops.maximum(ops.convert_to_tensor(self.prior, dtype=probs.dtype), 1e-12))
+        return ops.softmax(ops.log(ops.maximum(probs, 1e-12)) - log_prior, axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "prior": self.prior}
+
+
 # --------------------------------------------------------------------------- EfficientNet-Lite0
 
 # (expand ratio, kernel, stride, output channels, repeats): EfficientNet-B0's stages.
@@ -218,18 +244,29 @@ def build_efficientnet_lite0(image_size: int = 224, n_classes: int = len(CLASSES
 
 
 def build_model(
-    name: str, image_size: int | None = None, weights: str | None = "imagenet", dropout: float = 0.3, n_classes: int = len(CLASSES), augment: float = 0.0
+    name: str,
+    image_size: int | None = None,
+    weights: str | None = "imagenet",
+    dropout: float = 0.3,
+    n_classes: int = len(CLASSES),
+    augment: float = 0.0,
+    prior: np.ndarray | list[float] | None = None,
 ) -> keras.Model:
     """Build a classifier by name (``cnn``, ``resnet50``, ``efficientnet_lite0``);
-    ``augment`` > 0 puts the training augmentation inside the model."""
+    ``augment`` > 0 puts the training augmentation inside the model; ``prior``
+    (the training class mix, when skewed) ends it with a :class:`PriorShift`."""
     size = image_size or DEFAULT_SIZE[name]
     if name == "cnn":
-        return build_cnn(size, n_classes, dropout=dropout, augment=augment)
-    if name == "resnet50":
-        return build_resnet50(size, n_classes, weights, dropout, augment)
-    if name == "efficientnet_lite0":
-        return build_efficientnet_lite0(size, n_classes, weights, dropout, augment)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        model = build_cnn(size, n_classes, dropout=dropout, augment=augment)
+    elif name == "resnet50":
+        model = build_resnet50(size, n_classes, weights, dropout, augment)
+    elif name == "efficientnet_lite0":
+        model = build_efficientnet_lite0(size, n_classes, weights, dropout, augment)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if prior is None:
+        return model
+    return keras.Model(model.inputs, PriorShift(prior, name=HEAD_PREFIX + "prior_shift")(model.output), name=model.name)
 
 
 def set_backbone_trainable(model: keras.Model, unfreeze_from: str | None) -> int:

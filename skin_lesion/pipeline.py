@@ -23,7 +23,7 @@ import tensorflow as tf
 from skin_lesion.data import CLASSES, DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
-IMBALANCE_METHODS: tuple[str, ...] = ("none", "oversample", "undersample", "class_weight")
+IMBALANCE_METHODS: tuple[str, ...] = ("none", "oversample", "sqrt", "undersample", "class_weight")
 
 
 def decode_resize(path: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
@@ -130,6 +130,18 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(present, weights)}
 
 
+def sampling_prior(labels: np.ndarray, imbalance: str, n_classes: int = len(CLASSES)) -> np.ndarray | None:
+    """How often a training pipeline draws each class, for the methods that the model
+    must undo at inference (``sqrt``: probability proportional to the square root of
+    the class count); ``None`` for the others, whose batches are balanced already or
+    whose loss is weighted."""
+    if imbalance != "sqrt":
+        return None
+    counts = np.bincount(labels, minlength=n_classes).astype("float64")
+    root = np.sqrt(counts)
+    return root / root.sum()
+
+
 def undersample(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Randomly drop majority-class rows down to the smallest class (imbalanced-learn)."""
     from imblearn.under_sampling import RandomUnderSampler
@@ -174,7 +186,9 @@ def make_pipeline(
 
     Training pipelines shuffle, augment and apply ``imbalance``:
     ``oversample`` mixes one repeated dataset per class with equal weights
-    (``sample_from_datasets``), ``undersample`` keeps a random balanced subset,
+    (``sample_from_datasets``), ``sqrt`` mixes them with weights proportional
+    to the square root of each class's count (rare images repeat less; the
+    model undoes the skew at inference, see ``models.PriorShift``), ``undersample`` keeps a random balanced subset,
     ``class_weight`` returns balanced weights for ``fit``. Evaluation
     pipelines keep the row order and are deterministic.
     """
@@ -190,13 +204,15 @@ def make_pipeline(
     steps = math.ceil(len(frame) / batch_size)
     weights = class_weights(labels) if training and imbalance == "class_weight" else None
 
-    if training and imbalance == "oversample":
+    if training and imbalance in ("oversample", "sqrt"):
         parts = []
         for c in np.unique(labels):
             sel = labels == c
             file_cache = f"{cache}_{c}" if isinstance(cache, str) and cache else cache
             parts.append(_image_ds([p for p, s in zip(paths, sel) if s], labels[sel], size, file_cache).shuffle(int(sel.sum()), seed=seed + int(c)).repeat())
-        ds = tf.data.Dataset.sample_from_datasets(parts, weights=[1 / len(parts)] * len(parts), seed=seed)
+        prior = sampling_prior(labels, imbalance)
+        mix = [float(prior[c]) for c in np.unique(labels)] if prior is not None else [1 / len(parts)] * len(parts)
+        ds = tf.data.Dataset.sample_from_datasets(parts, weights=mix, seed=seed)
     else:
         ds = _image_ds(paths, labels, size, cache)
         if training:

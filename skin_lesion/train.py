@@ -3,8 +3,9 @@
 A run folder (``runs/NAME/``) holds everything needed to rerun and to resume:
 ``config.json``, ``split.csv``, ``history.csv``, ``state.json`` and
 ``checkpoint-epochNNN.keras`` (model and optimizer after the last finished
-epoch), ``model.keras`` (best on validation balanced accuracy) and, after
-evaluation, ``metrics.json``. ``state.json`` is replaced atomically after the
+epoch), ``model.keras`` (best on validation balanced accuracy; with
+``average_last`` the mean of the last epochs' weights, the best epoch then
+kept as ``best_epoch.keras``) and, after evaluation, ``metrics.json``. ``state.json`` is replaced atomically after the
 checkpoint it names is complete, so a run killed at any instant resumes with
 ``train --resume`` from its last finished epoch with nothing lost.
 
@@ -29,7 +30,7 @@ import tensorflow as tf
 
 from skin_lesion.data import DataError, Dataset, fold_parts, load_dataset, make_split_table
 from skin_lesion.models import DEFAULT_SIZE, MODEL_NAMES, build_model, set_backbone_trainable
-from skin_lesion.pipeline import label_ids, make_pipeline
+from skin_lesion.pipeline import label_ids, make_pipeline, sampling_prior
 
 log = logging.getLogger("skin_lesion")
 
@@ -78,6 +79,7 @@ class TrainConfig:
     fold: int | None = None
     split_by: str = "lesion"
     seed: int = 0
+    average_last: int = 0  # >0: model.keras is the mean of the weights after the last N fine-tuning epochs
     devices: int = 0  # >1: split the CPU into logical devices (tests MirroredStrategy)
     extra: dict = field(default_factory=dict)
 
@@ -265,7 +267,8 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     """Train per ``cfg`` into its run folder; with ``resume`` continue a stopped run.
 
     Returns the run folder. ``model.keras`` there is the best epoch by
-    validation balanced accuracy.
+    validation balanced accuracy, or with ``average_last`` the mean of the
+    last fine-tuning epochs' weights.
     """
     run = Path(cfg.run)
     if resume:
@@ -289,6 +292,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     train_pipe = make_pipeline(parts["train"], size, cfg.batch_size, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed)
     val_pipe = make_pipeline(parts["val"], size, cfg.batch_size)
     val_labels = label_ids(parts["val"]["dx"])
+    prior = sampling_prior(label_ids(parts["train"]["dx"]), cfg.imbalance)
     log.info("Run %s: %s on %s; %d train / %d val images (%s)", run, cfg.model, ds.label, len(parts["train"]), len(parts["val"]), cfg.imbalance)
 
     done = completed_epochs(run)
@@ -300,14 +304,16 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
             if done > start and checkpoint:
                 model = keras.models.load_model(run / checkpoint, safe_mode=True)  # mid-phase: optimizer state kept
             else:
-                model = _phase_model(cfg, run)
+                model = _phase_model(cfg, run, prior)
                 set_backbone_trainable(model, unfreeze)
                 compile_model(model, lr)
         log.info("Phase %s: epochs %d-%d, lr %.2g, %d trainable weights", name, start + 1, end, lr, len(model.trainable_weights))
+        averaging = cfg.average_last > 0 and end == cfg.epochs
         callbacks = [
             BalancedAccuracy(val_pipe.dataset, val_labels),
             keras.callbacks.LearningRateScheduler(cosine_lr(lr, start, end)),
-            RunCheckpoint(run),
+            *([WeightAverage(run, max(start, end - cfg.average_last), end, val_pipe.dataset, val_labels)] if averaging else []),
+            RunCheckpoint(run, best_name="best_epoch.keras" if cfg.average_last > 0 else "model.keras"),
             EpochLog(),
         ]
         model.fit(
@@ -325,19 +331,68 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     return run
 
 
-def _phase_model(cfg: TrainConfig, run: Path) -> keras.Model:
+def _phase_model(cfg: TrainConfig, run: Path, prior: np.ndarray | None = None) -> keras.Model:
     """A fresh model for a new phase: from the last checkpoint's weights when one exists."""
     in_model = cfg.augment if cfg.augment_on == "model" else 0.0
-    model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout, augment=in_model)
+    model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout, augment=in_model, prior=prior)
     checkpoint = run_state(run)["checkpoint"]
     if checkpoint:
         model.set_weights(keras.models.load_model(run / checkpoint, safe_mode=True, compile=False).get_weights())
     return model
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """Stochastic weight averaging (Izmailov et al., 2018): the running mean of the
+    weights after each epoch in [first, end), 0-based; after the last one the mean
+    is scored on validation and saved as ``model.keras``.
+
+    Single epochs of fine-tuning swing by several points of validation balanced
+    accuracy (a few rare-class images flip); their mean sits in a flatter spot.
+    The mean so far is kept as ``average-epochNNN.npz`` (written before the
+    epoch's checkpoint, removed with it), so a resumed run continues it. Batch
+    normalisation statistics are averaged too; they are frozen in fine-tuning.
+    """
+
+    def __init__(self, run: Path, first: int, end: int, val_dataset: tf.data.Dataset, val_labels: np.ndarray):
+        super().__init__()
+        self.run, self.first, self.end = Path(run), first, end
+        self.val_dataset, self.val_labels = val_dataset, val_labels
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch < self.first:
+            return
+        weights = self.model.get_weights()
+        previous = self.run / f"average-epoch{epoch:03d}.npz"
+        if epoch > self.first and previous.exists():
+            with np.load(previous) as f:
+                n, mean = int(f["n"]), [f[f"w{i}"] for i in range(len(weights))]
+            mean = [m + (w - m) / (n + 1) if np.issubdtype(w.dtype, np.floating) else w for m, w in zip(mean, weights)]
+            n += 1
+        else:
+            n, mean = 1, weights
+        tmp = self.run / "average.tmp.npz"
+        np.savez(tmp, n=n, **{f"w{i}": m for i, m in enumerate(mean)})
+        os.replace(tmp, self.run / f"average-epoch{epoch + 1:03d}.npz")
+        if epoch + 1 == self.end:
+            self._save_mean(mean, n, logs if logs is not None else {})
+            self.model.set_weights(weights)  # the checkpoint keeps the last epoch's own weights
+
+    def _save_mean(self, mean: list[np.ndarray], n: int, logs: dict) -> None:
+        """Score the mean on validation (into the logs) and save it as ``model.keras``."""
+        from sklearn.metrics import balanced_accuracy_score
+
+        self.model.set_weights(mean)
+        pred = self.model.predict(self.val_dataset, verbose=0).argmax(1)
+        logs["val_balanced_accuracy_average"] = float(balanced_accuracy_score(self.val_labels, pred))
+        tmp = self.run / "model.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.run / "model.keras")
+        log.info("model.keras: mean of the last %d epochs' weights, validation balanced accuracy %.4f", n, logs["val_balanced_accuracy_average"])
+
+
 class RunCheckpoint(keras.callbacks.Callback):
-    """After every epoch, in this order: ``model.keras`` if validation balanced
-    accuracy improved; ``checkpoint-epochNNN.keras`` (model + optimizer);
+    """After every epoch, in this order: ``model.keras`` (``best_name``) if validation
+    balanced accuracy improved; ``checkpoint-epochNNN.keras`` (model + optimizer);
     ``state.json`` (epochs done, that checkpoint, best score, history) replaced
     atomically; ``history.csv`` rewritten from it; older checkpoints removed.
 
@@ -345,18 +400,18 @@ class RunCheckpoint(keras.callbacks.Callback):
     checkpoint and the history of exactly the epochs in it.
     """
 
-    def __init__(self, run: Path):
+    def __init__(self, run: Path, best_name: str = "model.keras"):
         super().__init__()
-        self.run = Path(run)
+        self.run, self.best_name = Path(run), best_name
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         state = run_state(self.run)
         score = logs.get("val_balanced_accuracy", -1.0)
         if state["best_score"] is None or score > state["best_score"]:
-            tmp = self.run / "model.tmp.keras"
+            tmp = self.run / "best.tmp.keras"
             self.model.save(tmp)
-            os.replace(tmp, self.run / "model.keras")
+            os.replace(tmp, self.run / self.best_name)
             state.update(best_score=score, best_epoch=epoch + 1)
         name = f"checkpoint-epoch{epoch + 1:03d}.keras"
         self.model.save(self.run / name)
@@ -364,8 +419,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         state.update(epochs_done=epoch + 1, checkpoint=name)
         _write_atomic(self.run / "state.json", json.dumps(state, indent=1))
         _write_atomic(self.run / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
-        for old in self.run.glob("checkpoint-epoch*.keras"):
-            if old.name != name:
+        for old in [*self.run.glob("checkpoint-epoch*.keras"), *self.run.glob("average-epoch*.npz")]:
+            if old.name not in (name, f"average-epoch{epoch + 1:03d}.npz"):
                 old.unlink()
 
 

@@ -85,6 +85,21 @@ def test_resnet50_local_weights_file_and_safe_mode_round_trip(tmp_path):
         models.build_resnet50(64, weights=str(tmp_path / "missing.h5"))
 
 
+def test_prior_shift_undoes_the_training_mix_at_inference_only(tmp_path):
+    prior = np.array([0.05, 0.1, 0.15, 0.05, 0.2, 0.4, 0.05])
+    model = models.build_model("cnn", 32, prior=prior)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    trained = keras.Model(model.inputs, model.get_layer("head_softmax").output)(x, training=False)
+    shifted = model(x, training=False)
+    expected = np.asarray(trained) / prior
+    np.testing.assert_allclose(np.asarray(shifted), expected / expected.sum(1, keepdims=True), rtol=1e-4)
+    layer = model.get_layer("head_prior_shift")
+    np.testing.assert_allclose(np.asarray(layer(trained, training=True)), np.asarray(trained))  # the loss sees the drawn mix
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(again.predict(x, verbose=0), np.asarray(shifted), rtol=1e-4, atol=1e-6)
+
+
 def test_fine_tuning_freezes_backbone_and_batchnorm():
     model = models.build_model("efficientnet_lite0", 64, weights="none")
     head_only = models.set_backbone_trainable(model, None)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from skin_lesion import data
 from skin_lesion.data import CLASSES, DataError
-from skin_lesion.pipeline import class_weights, label_ids, make_pipeline, undersample
+from skin_lesion.pipeline import class_weights, label_ids, make_pipeline, sampling_prior, undersample
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,22 @@ def test_oversampling_balances_1000_examples(meta):
     natural = train["dx"].value_counts(normalize=True)
     assert natural.max() > 0.5  # the data itself is imbalanced ...
     assert np.abs(shares - 1 / len(CLASSES)).max() < 0.05  # ... the oversampled stream is not
+
+
+def test_sqrt_sampling_draws_classes_by_the_root_of_their_counts(meta):
+    train = meta[meta["dx"].isin(CLASSES)]
+    labels = label_ids(train["dx"])
+    prior = sampling_prior(labels, "sqrt")
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    np.testing.assert_allclose(prior, np.sqrt(counts) / np.sqrt(counts).sum())
+    assert sampling_prior(labels, "oversample") is None and sampling_prior(labels, "none") is None
+    pipe = make_pipeline(train, (32, 32), batch_size=100, training=True, imbalance="sqrt", augment=False, seed=0)
+    drawn = np.concatenate([y.numpy() for _, y in pipe.dataset.take(30)])
+    shares = np.bincount(drawn, minlength=len(CLASSES)) / len(drawn)
+    natural = counts / counts.sum()
+    nv = CLASSES.index("nv")
+    assert natural[nv] > prior[nv] > 1 / len(CLASSES)  # between the natural and the balanced mix
+    assert np.abs(shares - prior).max() < 0.04
 
 
 def test_undersampling_and_class_weights(meta):

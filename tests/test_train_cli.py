@@ -136,7 +136,9 @@ def test_smoke_train_on_real_data(real_dir, tmp_path):
 
 def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     run = tmp_path / "resume"
-    args = [sys.executable, "-m", "skin_lesion", *SMOKE, "--model", "cnn", "--epochs", "6", "--no-eval", "--data", str(demo_dir), "--run", str(run)]
+    # The square-root mix and weight averaging ride along: the mean must survive the kill too.
+    recipe = ["--imbalance", "sqrt", "--average-last", "3"]
+    args = [sys.executable, "-m", "skin_lesion", *SMOKE, "--model", "cnn", "--epochs", "6", *recipe, "--no-eval", "--data", str(demo_dir), "--run", str(run)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     history = run / "history.csv"
     deadline = time.time() + 300
@@ -150,8 +152,10 @@ def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     hist = pd.read_csv(history)
     assert hist["epoch"].tolist() == list(range(6))  # every epoch once, none lost, none repeated
-    assert (run / "model.keras").exists()
+    assert (run / "model.keras").exists() and (run / "best_epoch.keras").exists()
     assert [p.name for p in run.glob("checkpoint-epoch*.keras")] == ["checkpoint-epoch006.keras"]
+    assert [p.name for p in run.glob("average-epoch*.npz")] == ["average-epoch006.npz"]  # the mean of epochs 4-6
+    assert hist["val_balanced_accuracy_average"].notna().tolist() == [False] * 5 + [True]
 
 
 def test_kfold_cross_validation_writes_mean_and_sd(demo_dir, tmp_path):
