@@ -233,3 +233,21 @@ def test_profiles_place_augmentation_where_it_is_cheapest():
     assert (cnn.image_size, cnn.epochs, cnn.head_epochs) == (64, 10, 0)
     with pytest.raises(DataError, match="augment_on"):
         TrainConfig(augment_on="gpu").resolved()
+
+
+def test_cpu_profile_imbalance_and_averaging_and_older_configs(tmp_path):
+    """Lite0 on the cpu profile: square-root mix and the mean of 5 epochs; the CNN and
+    other profiles keep oversampling and the best epoch; a flag wins over the profile;
+    a config.json from before these keys existed reads as what it meant then."""
+    from skin_lesion.train import TrainConfig
+
+    lite0 = TrainConfig(model="efficientnet_lite0", profile="cpu").resolved()
+    assert (lite0.imbalance, lite0.average_last) == ("sqrt", 5)
+    for cfg in (TrainConfig(model="cnn", profile="cpu"), TrainConfig(model="efficientnet_lite0", profile="smoke")):
+        assert (cfg.resolved().imbalance, cfg.resolved().average_last) == ("oversample", 0)
+    mine = TrainConfig(model="efficientnet_lite0", profile="cpu", imbalance="class_weight", average_last=0).resolved()
+    assert (mine.imbalance, mine.average_last) == ("class_weight", 0)
+    old = {k: v for k, v in TrainConfig(model="cnn").__dict__.items() if k not in ("imbalance", "average_last")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = TrainConfig.load(tmp_path / "config.json")
+    assert (loaded.imbalance, loaded.average_last) == ("oversample", 0)
