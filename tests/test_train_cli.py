@@ -236,17 +236,17 @@ def test_profiles_place_augmentation_where_it_is_cheapest():
 
 
 def test_cpu_profile_imbalance_and_averaging_and_older_configs(tmp_path):
-    """Lite0 on the cpu profile: square-root mix and the mean of 5 epochs; the CNN and
-    other profiles keep oversampling and the best epoch; a flag wins over the profile;
+    """Lite0 on the cpu profile: square-root mix, best epoch; the CNN and other profiles
+    keep oversampling; a flag wins over the profile;
     a config.json from before these keys existed reads as what it meant then."""
     from skin_lesion.train import TrainConfig
 
     lite0 = TrainConfig(model="efficientnet_lite0", profile="cpu").resolved()
-    assert (lite0.imbalance, lite0.average_last) == ("sqrt", 5)
+    assert (lite0.imbalance, lite0.average_last) == ("sqrt", 0)
     for cfg in (TrainConfig(model="cnn", profile="cpu"), TrainConfig(model="efficientnet_lite0", profile="smoke")):
         assert (cfg.resolved().imbalance, cfg.resolved().average_last) == ("oversample", 0)
-    mine = TrainConfig(model="efficientnet_lite0", profile="cpu", imbalance="class_weight", average_last=0).resolved()
-    assert (mine.imbalance, mine.average_last) == ("class_weight", 0)
+    mine = TrainConfig(model="efficientnet_lite0", profile="cpu", imbalance="class_weight", average_last=5).resolved()
+    assert (mine.imbalance, mine.average_last) == ("class_weight", 5)
     old = {k: v for k, v in TrainConfig(model="cnn").__dict__.items() if k not in ("imbalance", "average_last")}
     (tmp_path / "config.json").write_text(json.dumps(old))
     loaded = TrainConfig.load(tmp_path / "config.json")
