@@ -59,8 +59,9 @@ AUGMENT_ON: tuple[str, ...] = ("pipeline", "model")
 UNFREEZE_FROM: dict[str, str | None] = {"cnn": "all", "resnet50": "conv4_block1_1_conv", "efficientnet_lite0": "block8_expand_conv"}
 
 
-# What a config.json written before a key existed meant by leaving it out.
-LEGACY_DEFAULTS: dict = {"imbalance": "oversample", "average_last": 0}
+# Values for keys no profile sets; also what a config.json written before these
+# keys existed meant by leaving them out.
+FALLBACKS: dict = {"imbalance": "oversample", "average_last": 0}
 
 
 @dataclass
@@ -102,9 +103,7 @@ class TrainConfig:
         out = TrainConfig(**asdict(self))
         for key in ("epochs", "head_epochs", "batch_size", "max_per_class", "image_size", "unfreeze_from", "augment_on", "imbalance", "average_last"):
             if getattr(out, key) is None:
-                setattr(out, key, prof.get(key))
-        out.imbalance = out.imbalance or "oversample"
-        out.average_last = out.average_last or 0
+                setattr(out, key, prof.get(key, FALLBACKS.get(key)))
         out.image_size = out.image_size or DEFAULT_SIZE[out.model]
         out.augment_on = out.augment_on or "pipeline"
         if out.augment_on not in AUGMENT_ON:
@@ -127,7 +126,7 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise DataError(f"{path}: unknown config key(s) {unknown}")
-        return cls(**{**LEGACY_DEFAULTS, **raw})
+        return cls(**{**FALLBACKS, **raw})
 
 
 # --------------------------------------------------------------------------- run folder
