@@ -64,8 +64,11 @@ def _train_cmd(args) -> int:
     run = train(cfg, resume=args.resume)
     if not args.no_eval:
         from skin_lesion.evaluate import evaluate_run
+        from skin_lesion.train import AVERAGE_DIR
 
         _print_metrics(evaluate_run(run, tta=args.tta))
+        if (run / AVERAGE_DIR / "model.keras").exists():  # --average-last: the mean is a second model
+            _print_metrics(evaluate_run(run / AVERAGE_DIR, tta=args.tta))
     return 0
 
 
@@ -212,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--augment-on", dest="augment_on", choices=["pipeline", "model"], help="run augmentation in tf.data or as the model's first layer (on the GPU)")
     t.add_argument("--weights", help="imagenet, none, or a weights file")
     t.add_argument("--unfreeze-from", dest="unfreeze_from", help="first backbone layer to fine-tune ('all' for everything)")
-    t.add_argument("--average-last", dest="average_last", type=int, help="model.keras = mean of the weights after the last N fine-tuning epochs (0 = best epoch)")
+    t.add_argument("--average-last", dest="average_last", type=int, help="also save the mean of the weights after the last N fine-tuning epochs, as the run RUN/average (0 = off)")
     t.add_argument("--max-per-class", dest="max_per_class", type=int)
     t.add_argument("--folds", type=int, help="k-fold cross-validation (all folds unless --fold)")
     t.add_argument("--fold", type=int)

@@ -30,7 +30,7 @@ from sklearn.metrics import (
 
 from skin_lesion.data import CLASSES, DataError, corrupt_image, image_index, load_dataset
 from skin_lesion.pipeline import label_ids, make_pipeline
-from skin_lesion.train import TrainConfig, completed_epochs, prepare_split, train
+from skin_lesion.train import AVERAGE_DIR, TrainConfig, completed_epochs, prepare_split, train
 
 log = logging.getLogger("skin_lesion")
 MEL = CLASSES.index("mel")
@@ -353,16 +353,22 @@ def run_probabilities(run: Path, split: str) -> tuple[pd.DataFrame, np.ndarray]:
     return table, table[list(CLASSES)].to_numpy(dtype=float)
 
 
+def run_label(run: str | Path) -> str:
+    """A run's name in tables: its folder, with the parent's for a weight-averaged sub-run (``RUN/average``)."""
+    run = Path(run)
+    return f"{run.parent.name}/{run.name}" if run.name == AVERAGE_DIR else run.name
+
+
 def aligned_probabilities(runs: list[Path], split: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Each run's probabilities on ``split``, rows aligned by ``image_id`` to the first run's."""
     base, first = run_probabilities(runs[0], split)
-    out = {Path(runs[0]).name: first}
+    out = {run_label(runs[0]): first}
     for run in runs[1:]:
         table, _ = run_probabilities(run, split)
         merged = base[["image_id"]].merge(table, on="image_id", how="left")
         if merged[list(CLASSES)].isna().any().any():
             raise DataError(f"{run}: its {split} rows differ from {runs[0]}'s; stack runs that share a split")
-        out[Path(run).name] = merged[list(CLASSES)].to_numpy(dtype=float)
+        out[run_label(run)] = merged[list(CLASSES)].to_numpy(dtype=float)
     return base, out
 
 

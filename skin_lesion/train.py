@@ -3,9 +3,11 @@
 A run folder (``runs/NAME/``) holds everything needed to rerun and to resume:
 ``config.json``, ``split.csv``, ``history.csv``, ``state.json`` and
 ``checkpoint-epochNNN.keras`` (model and optimizer after the last finished
-epoch), ``model.keras`` (best on validation balanced accuracy; with
-``average_last`` the mean of the last epochs' weights, the best epoch then
-kept as ``best_epoch.keras``) and, after evaluation, ``metrics.json``. ``state.json`` is replaced atomically after the
+epoch), ``model.keras`` (best on validation balanced accuracy) and, after
+evaluation, ``metrics.json``. With ``average_last`` the mean of the last
+epochs' weights is a second model in ``average/``, a run folder of its own
+(``model.keras``, ``config.json``, ``split.csv``) that ``evaluate``,
+``predict`` and ``stack`` take like any run. ``state.json`` is replaced atomically after the
 checkpoint it names is complete, so a run killed at any instant resumes with
 ``train --resume`` from its last finished epoch with nothing lost.
 
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,12 +48,18 @@ PROFILES: dict[str, dict] = {
 }
 # Per (model, profile) overrides: the CNN trains from scratch and costs as many
 # FLOPs per pixel as Lite0, so on 2 cores it gets 64 px images to fit the hour.
-# EfficientNet-Lite0 on the cpu profile: the square-root class mix, chosen on
-# validation; weight averaging was not (README, "The square-root mix").
+# EfficientNet-Lite0 on the cpu profile: the square-root class mix, and the
+# mean of the last five epochs' weights kept as a second model beside the best
+# epoch, both chosen on validation (README, "The square-root class mix" and
+# "Two resolutions and a weight average"); smoke runs the same path in miniature.
 MODEL_PROFILES: dict[tuple[str, str], dict] = {
     ("cnn", "cpu"): dict(image_size=64, epochs=10, batch_size=32),
-    ("efficientnet_lite0", "cpu"): dict(imbalance="sqrt"),
+    ("efficientnet_lite0", "cpu"): dict(imbalance="sqrt", average_last=5),
+    ("efficientnet_lite0", "smoke"): dict(imbalance="sqrt", average_last=1),
 }
+# The study's second, lower-resolution run of EfficientNet-Lite0 per profile,
+# for the decision layer to weigh beside the first (none on gpu: not measured).
+COMPANION_SIZE: dict[str, int] = {"smoke": 48, "cpu": 160}
 # Where augmentation runs: in tf.data (overlapping the train step on the CPU) or as
 # the model's first layer (on the accelerator; the pipeline then only decodes,
 # caches and batches). README, "Benchmarks", has what each costs.
@@ -62,6 +71,8 @@ UNFREEZE_FROM: dict[str, str | None] = {"cnn": "all", "resnet50": "conv4_block1_
 # Values for keys no profile sets; also what a config.json written before these
 # keys existed meant by leaving them out.
 FALLBACKS: dict = {"imbalance": "oversample", "average_last": 0}
+# The sub-folder of a run that holds its weight-averaged model (``average_last``).
+AVERAGE_DIR = "average"
 
 
 @dataclass
@@ -89,7 +100,7 @@ class TrainConfig:
     fold: int | None = None
     split_by: str = "lesion"
     seed: int = 0
-    average_last: int | None = None  # >0: model.keras is the mean of the weights after the last N fine-tuning epochs
+    average_last: int | None = None  # >0: also save the mean of the weights after the last N fine-tuning epochs, in average/
     devices: int = 0  # >1: split the CPU into logical devices (tests MirroredStrategy)
     extra: dict = field(default_factory=dict)
 
@@ -277,8 +288,8 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     """Train per ``cfg`` into its run folder; with ``resume`` continue a stopped run.
 
     Returns the run folder. ``model.keras`` there is the best epoch by
-    validation balanced accuracy, or with ``average_last`` the mean of the
-    last fine-tuning epochs' weights.
+    validation balanced accuracy; with ``average_last`` the mean of the last
+    fine-tuning epochs' weights is in ``average/`` (see ``WeightAverage``).
     """
     run = Path(cfg.run)
     if resume:
@@ -323,7 +334,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
             BalancedAccuracy(val_pipe.dataset, val_labels),
             keras.callbacks.LearningRateScheduler(cosine_lr(lr, start, end)),
             *([WeightAverage(run, max(start, end - cfg.average_last), end, val_pipe.dataset, val_labels)] if averaging else []),
-            RunCheckpoint(run, best_name="best_epoch.keras" if cfg.average_last > 0 else "model.keras"),
+            RunCheckpoint(run),
             EpochLog(),
         ]
         model.fit(
@@ -354,13 +365,16 @@ def _phase_model(cfg: TrainConfig, run: Path, prior: np.ndarray | None = None) -
 class WeightAverage(keras.callbacks.Callback):
     """Stochastic weight averaging (Izmailov et al., 2018): the running mean of the
     weights after each epoch in [first, end), 0-based; after the last one the mean
-    is scored on validation and saved as ``model.keras``.
+    is scored on validation and saved in ``average/``, a run folder of its own.
 
     Single epochs of fine-tuning swing by several points of validation balanced
     accuracy (a few rare-class images flip); their mean sits in a flatter spot.
     The mean so far is kept as ``average-epochNNN.npz`` (written before the
     epoch's checkpoint, removed with it), so a resumed run continues it. Batch
     normalisation statistics are averaged too; they are frozen in fine-tuning.
+    The run's ``model.keras`` stays the best epoch: the mean is a second model,
+    for a decision layer to weigh beside it (README, "Two resolutions and a
+    weight average").
     """
 
     def __init__(self, run: Path, first: int, end: int, val_dataset: tf.data.Dataset, val_labels: np.ndarray):
@@ -388,20 +402,33 @@ class WeightAverage(keras.callbacks.Callback):
             self.model.set_weights(weights)  # the checkpoint keeps the last epoch's own weights
 
     def _save_mean(self, mean: list[np.ndarray], n: int, logs: dict) -> None:
-        """Score the mean on validation (into the logs) and save it as ``model.keras``."""
+        """Score the mean on validation (into the logs) and save it as the run ``average/``."""
         from sklearn.metrics import balanced_accuracy_score
 
         self.model.set_weights(mean)
         pred = self.model.predict(self.val_dataset, verbose=0).argmax(1)
         logs["val_balanced_accuracy_average"] = float(balanced_accuracy_score(self.val_labels, pred))
-        tmp = self.run / "model.tmp.keras"
+        out = self.run / AVERAGE_DIR
+        out.mkdir(exist_ok=True)
+        tmp = out / "model.tmp.keras"
         self.model.save(tmp)
-        os.replace(tmp, self.run / "model.keras")
-        log.info("model.keras: mean of the last %d epochs' weights, validation balanced accuracy %.4f", n, logs["val_balanced_accuracy_average"])
+        os.replace(tmp, out / "model.keras")
+        _write_average_run(self.run, out)
+        log.info("%s: mean of the last %d epochs' weights, validation balanced accuracy %.4f", out / "model.keras", n, logs["val_balanced_accuracy_average"])
+
+
+def _write_average_run(run: Path, out: Path) -> None:
+    """Make ``out`` a run folder of its own: the parent's config (pointing at ``out``) and split."""
+    config = run / "config.json"
+    if config.exists():  # absent only where the callback is used outside ``train``
+        raw = json.loads(config.read_text())
+        _write_atomic(out / "config.json", json.dumps({**raw, "run": str(Path(raw.get("run", run)) / AVERAGE_DIR)}, indent=2))
+    if (run / "split.csv").exists():
+        shutil.copyfile(run / "split.csv", out / "split.csv")
 
 
 class RunCheckpoint(keras.callbacks.Callback):
-    """After every epoch, in this order: ``model.keras`` (``best_name``) if validation
+    """After every epoch, in this order: ``model.keras`` if validation
     balanced accuracy improved; ``checkpoint-epochNNN.keras`` (model + optimizer);
     ``state.json`` (epochs done, that checkpoint, best score, history) replaced
     atomically; ``history.csv`` rewritten from it; older checkpoints removed.
@@ -410,9 +437,9 @@ class RunCheckpoint(keras.callbacks.Callback):
     checkpoint and the history of exactly the epochs in it.
     """
 
-    def __init__(self, run: Path, best_name: str = "model.keras"):
+    def __init__(self, run: Path):
         super().__init__()
-        self.run, self.best_name = Path(run), best_name
+        self.run = Path(run)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -421,7 +448,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         if state["best_score"] is None or score > state["best_score"]:
             tmp = self.run / "best.tmp.keras"
             self.model.save(tmp)
-            os.replace(tmp, self.run / self.best_name)
+            os.replace(tmp, self.run / "model.keras")
             state.update(best_score=score, best_epoch=epoch + 1)
         name = f"checkpoint-epoch{epoch + 1:03d}.keras"
         self.model.save(self.run / name)
@@ -432,6 +459,30 @@ class RunCheckpoint(keras.callbacks.Callback):
         for old in [*self.run.glob("checkpoint-epoch*.keras"), *self.run.glob("average-epoch*.npz")]:
             if old.name not in (name, f"average-epoch{epoch + 1:03d}.npz"):
                 old.unlink()
+
+
+def study_runs(profile: str, pretrained: str) -> dict[str, dict]:
+    """The runs the notebooks train on ``profile``: folder name -> TrainConfig
+    fields. The custom CNN, the pretrained backbone and, for EfficientNet-Lite0
+    on profiles in ``COMPANION_SIZE``, the backbone again at a lower resolution
+    (its best epoch only: the decision layer weighs it beside the first run
+    and that run's weight average)."""
+    runs = {f"{profile}_cnn": dict(model="cnn"), f"{profile}_{pretrained}": dict(model=pretrained)}
+    if pretrained == "efficientnet_lite0" and profile in COMPANION_SIZE:
+        size = COMPANION_SIZE[profile]
+        runs[f"{profile}_{pretrained}_{size}"] = dict(model=pretrained, image_size=size, average_last=0)
+    return runs
+
+
+def study_run_dirs(runs: str | Path, profile: str) -> list[Path]:
+    """The study's trained runs for ``profile`` under ``runs`` (as ``study_runs``
+    names them), each followed by its weight-averaged sub-run when it has one."""
+    names = dict.fromkeys(n for m in MODEL_NAMES if m != "cnn" for n in study_runs(profile, m))
+    out = []
+    for name in names:
+        run = Path(runs) / name
+        out += [r for r in (run, run / AVERAGE_DIR) if (r / "model.keras").exists()]
+    return out
 
 
 def train_or_resume(cfg: TrainConfig, verbose: int | str = "auto") -> Path:

@@ -42,6 +42,10 @@ def test_report_holds_every_expected_figure(report, study_data):
         expected += [f"03_{run}_{k}" for k in ("confusion_counts", "confusion_normalised", "per_class", "roc", "reliability")]
         expected += [f"04_{run}_gradcam"] + [f"05_{run}_{m}_by_group" for m in ("balanced_accuracy", "mel_recall", "ece")]
     expected += ["03_model_comparison", "03_ensemble_confusion_counts", "03_stacked_confusion_counts", "03_stacked_roc"]
+    expected += [f"05_smoke_stacked_{m}_by_group" for m in ("balanced_accuracy", "mel_recall", "ece")]
+    if pretrained == "efficientnet_lite0":  # its second resolution and its weight average, for the decision layer
+        expected += ["02_efficientnet_lite0_48_accuracy_curve"]
+        expected += [f"03_smoke_efficientnet_lite0_{k}_confusion_counts" for k in ("48", "average")]
     missing = [n for n in expected if n not in names]
     assert not missing, missing
     for n in expected:
@@ -50,6 +54,17 @@ def test_report_holds_every_expected_figure(report, study_data):
     assert len(re.findall(r"src='data:image/png;base64,", html)) >= len(expected)  # self-contained
     synthetic = (Path(study_data) / "SYNTHETIC_DEMO").exists()
     assert ("synthetic-banner" in html) == synthetic
+
+
+def test_decision_layer_weighs_the_backbone_runs_not_the_cnn(report):
+    import json
+
+    runs = report.parent.parent / "runs"
+    stacked = json.loads((runs / "smoke_stacked" / "metrics.json").read_text())
+    weighed = {m for c in stacked["candidates"] for m in c["models"].split("+")}
+    assert "smoke_cnn" not in weighed
+    if (runs / "smoke_efficientnet_lite0").exists():
+        assert weighed == {"smoke_efficientnet_lite0", "smoke_efficientnet_lite0/average", "smoke_efficientnet_lite0_48"}
 
 
 def test_executed_notebooks_ran_every_cell(report):

@@ -18,15 +18,17 @@ from conftest import ROOT, cli
 from PIL import Image
 
 from skin_lesion.data import CLASSES
+from skin_lesion.train import TrainConfig
 
 SMOKE = ("train", "--profile", "smoke", "--tta", "2")
 
 
 @pytest.fixture(scope="module")
 def demo_run(demo_dir, tmp_path_factory) -> Path:
-    """One smoke run of the pretrained model on the demo set, shared by the tests below."""
+    """One smoke run of the pretrained model on the demo set, shared by the tests
+    below; with weight averaging, so it holds a second model in ``average/``."""
     run = tmp_path_factory.mktemp("runs") / "lite0"
-    res = cli(*SMOKE, "--model", "efficientnet_lite0", "--data", str(demo_dir), "--run", str(run))
+    res = cli(*SMOKE, "--model", "efficientnet_lite0", "--average-last", "1", "--data", str(demo_dir), "--run", str(run))
     assert res.returncode == 0, res.stderr[-3000:]
     return run
 
@@ -60,6 +62,12 @@ def test_smoke_train_evaluate_predict_on_demo(demo_run, demo_dir):
 
 def test_stack_fits_a_decision_layer_on_validation(demo_run, tmp_path):
     assert (demo_run / "predictions_val.csv").exists()
+    # train evaluated the weight-averaged model as a run of its own; stack weighs it beside the best epoch
+    assert (demo_run / "average" / "predictions_val.csv").exists()
+    res = cli("stack", str(demo_run), str(demo_run / "average"), "--out", str(tmp_path / "both"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    both = json.loads((tmp_path / "both" / "metrics.json").read_text())
+    assert {c["models"] for c in both["candidates"]} == {"lite0", "lite0/average", "lite0+lite0/average"}
     res = cli("stack", str(demo_run), "--out", str(tmp_path / "stacked"))
     assert res.returncode == 0 and "decision layer: lite0" in res.stdout, res.stderr[-2000:]
     metrics = json.loads((tmp_path / "stacked" / "metrics.json").read_text())
@@ -152,7 +160,10 @@ def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     hist = pd.read_csv(history)
     assert hist["epoch"].tolist() == list(range(6))  # every epoch once, none lost, none repeated
-    assert (run / "model.keras").exists() and (run / "best_epoch.keras").exists()
+    assert (run / "model.keras").exists()  # the best epoch
+    average = run / "average"  # the mean: a run folder of its own, which evaluate and stack take
+    assert (average / "model.keras").exists() and (average / "split.csv").read_text() == (run / "split.csv").read_text()
+    assert TrainConfig.load(average / "config.json").run == str(average)
     assert [p.name for p in run.glob("checkpoint-epoch*.keras")] == ["checkpoint-epoch006.keras"]
     assert [p.name for p in run.glob("average-epoch*.npz")] == ["average-epoch006.npz"]  # the mean of epochs 4-6
     assert hist["val_balanced_accuracy_average"].notna().tolist() == [False] * 5 + [True]

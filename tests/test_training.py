@@ -30,13 +30,13 @@ def test_weight_average_is_the_mean_of_the_last_epochs_and_survives_a_restart(tm
     first = WeightAverage(tmp_path, first=1, end=4, val_dataset=val, val_labels=labels)
     epoch(first, 0)  # before the window: ignored
     epoch(first, 1)
-    assert not (tmp_path / "model.keras").exists()
+    assert not (tmp_path / "average").exists()
     # A new process (a resumed run) carries on from the saved mean.
     second = WeightAverage(tmp_path, first=1, end=4, val_dataset=val, val_labels=labels)
     epoch(second, 2)
     logs = epoch(second, 3)
     assert 0.0 <= logs["val_balanced_accuracy_average"] <= 1.0
-    saved = keras.models.load_model(tmp_path / "model.keras")
+    saved = keras.models.load_model(tmp_path / "average" / "model.keras")
     for w in saved.get_weights():
         np.testing.assert_allclose(w, (2.0 + 6.0 + 10.0) / 3)
     for w in model.get_weights():  # the live model keeps its own last weights for the checkpoint
