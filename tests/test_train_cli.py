@@ -247,18 +247,39 @@ def test_profiles_place_augmentation_where_it_is_cheapest():
 
 
 def test_cpu_profile_imbalance_and_averaging_and_older_configs(tmp_path):
-    """Lite0 on the cpu profile: square-root mix, best epoch; the CNN and other profiles
-    keep oversampling; a flag wins over the profile;
+    """Lite0 on the cpu profile: square-root mix and a 5-epoch weight average (smoke:
+    the same in miniature); the CNN and other profiles keep oversampling, no
+    averaging; a flag wins over the profile;
     a config.json from before these keys existed reads as what it meant then."""
     from skin_lesion.train import TrainConfig
 
     lite0 = TrainConfig(model="efficientnet_lite0", profile="cpu").resolved()
-    assert (lite0.imbalance, lite0.average_last) == ("sqrt", 0)
-    for cfg in (TrainConfig(model="cnn", profile="cpu"), TrainConfig(model="efficientnet_lite0", profile="smoke")):
+    assert (lite0.imbalance, lite0.average_last) == ("sqrt", 5)
+    smoke = TrainConfig(model="efficientnet_lite0", profile="smoke").resolved()
+    assert (smoke.imbalance, smoke.average_last) == ("sqrt", 1)
+    for cfg in (TrainConfig(model="cnn", profile="cpu"), TrainConfig(model="efficientnet_lite0", profile="gpu")):
         assert (cfg.resolved().imbalance, cfg.resolved().average_last) == ("oversample", 0)
-    mine = TrainConfig(model="efficientnet_lite0", profile="cpu", imbalance="class_weight", average_last=5).resolved()
-    assert (mine.imbalance, mine.average_last) == ("class_weight", 5)
+    mine = TrainConfig(model="efficientnet_lite0", profile="cpu", imbalance="class_weight", average_last=0).resolved()
+    assert (mine.imbalance, mine.average_last) == ("class_weight", 0)
     old = {k: v for k, v in TrainConfig(model="cnn").__dict__.items() if k not in ("imbalance", "average_last")}
     (tmp_path / "config.json").write_text(json.dumps(old))
     loaded = TrainConfig.load(tmp_path / "config.json")
     assert (loaded.imbalance, loaded.average_last) == ("oversample", 0)
+
+
+def test_study_runs_the_cpu_study_trains_lite0_at_two_resolutions(tmp_path):
+    """The runs notebook 02 trains, and the ones 03 finds (weight averages after their runs)."""
+    from skin_lesion.train import TrainConfig, study_run_dirs, study_runs
+
+    runs = study_runs("cpu", "efficientnet_lite0")
+    assert list(runs) == ["cpu_cnn", "cpu_efficientnet_lite0", "cpu_efficientnet_lite0_160"]
+    main, second = (TrainConfig(**runs[n], profile="cpu").resolved() for n in list(runs)[1:])
+    assert (main.image_size, main.imbalance, main.average_last) == (224, "sqrt", 5)
+    assert (second.image_size, second.imbalance, second.average_last) == (160, "oversample", 0)
+    assert list(study_runs("gpu", "efficientnet_lite0")) == ["gpu_cnn", "gpu_efficientnet_lite0"]
+    assert list(study_runs("cpu", "resnet50")) == ["cpu_cnn", "cpu_resnet50"]
+    for folder in ("cpu_cnn", "cpu_efficientnet_lite0", "cpu_efficientnet_lite0/average", "cpu_efficientnet_lite0_160", "cpu_other"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "model.keras").write_bytes(b"")
+    found = [str(p.relative_to(tmp_path)) for p in study_run_dirs(tmp_path, "cpu")]
+    assert found == ["cpu_cnn", "cpu_efficientnet_lite0", "cpu_efficientnet_lite0/average", "cpu_efficientnet_lite0_160"]
