@@ -384,6 +384,27 @@ def stack_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float
     return score_decision_layer(layer, test_probs, test, out)
 
 
+def mean_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95) -> dict:
+    """The mean ensemble of evaluated runs that share a split: the mean of their
+    temperature-scaled probabilities, argmax, with a melanoma threshold chosen on
+    validation as for a single run. Nothing but that threshold (and a
+    temperature for the mean, which leaves the argmax as it is) is fitted on
+    validation, so unlike the decision layer it cannot overfit a small split.
+
+    Writes ``metrics.json`` (with ``ensemble``: the member runs),
+    ``predictions.csv`` and ``predictions_val.csv`` into ``out``, so the result
+    summarizes, stacks and predicts like a run.
+    """
+    runs, out = [Path(r) for r in runs], Path(out)
+    val, val_probs = aligned_probabilities(runs, "val")
+    test, test_probs = aligned_probabilities(runs, "test")
+    p_val, p_test = (np.mean(list(p.values()), axis=0) for p in (val_probs, test_probs))
+    result = score_predictions(out, None, val, p_val, test, p_test, 0, target_mel_recall, "test", mel_confidence)
+    result["ensemble"] = [str(r) for r in runs]
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 # --------------------------------------------------------------------------- spread over seeds and folds
 
 SUMMARY_COLUMNS: tuple[str, ...] = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "mel_recall", "ece", "op_mel_recall", "op_mel_specificity")
