@@ -150,6 +150,18 @@ def _stack_cmd(args) -> int:
     return 0
 
 
+def _ensemble_cmd(args) -> int:
+    from skin_lesion.evaluate import mean_runs
+
+    m = mean_runs(args.runs, args.out, **_operating_point(args))
+    c = m["calibrated"]
+    print(f"mean ensemble of {len(m['ensemble'])} runs (validation balanced accuracy {m['validation']['balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall", "ece"):
+        print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
+    print(_operating_point_line(m["mel_operating_point"]))
+    return 0
+
+
 def _summarize_cmd(args) -> int:
     from skin_lesion.evaluate import summarize_runs
 
@@ -236,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_evaluate_cmd)
 
     r = sub.add_parser("predict", help="top-3 diagnoses for images")
-    r.add_argument("--run", required=True)
+    r.add_argument("--run", required=True, help="a run folder, or a mean ensemble's folder (`ensemble --out`)")
     r.add_argument("images", nargs="+")
     r.add_argument("--json", action="store_true")
     r.add_argument("--tta", type=int, default=1)
@@ -247,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True, help="folder for metrics.json and predictions.csv")
     _add_operating_point(st)
     st.set_defaults(func=_stack_cmd)
+
+    en = sub.add_parser("ensemble", help="the mean of evaluated runs' calibrated probabilities, scored on test; predict takes its folder")
+    en.add_argument("runs", nargs="+", help="evaluated run folders that share a split")
+    en.add_argument("--out", required=True, help="folder for metrics.json and predictions (members are recorded relative to it)")
+    _add_operating_point(en)
+    en.set_defaults(func=_ensemble_cmd)
 
     su = sub.add_parser("summarize", help="test metrics of several runs (seeds, folds) side by side, with mean and sd")
     su.add_argument("runs", nargs="+", help="evaluated run folders or stack outputs")

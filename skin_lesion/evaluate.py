@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -400,9 +401,21 @@ def mean_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float 
     test, test_probs = aligned_probabilities(runs, "test")
     p_val, p_test = (np.mean(list(p.values()), axis=0) for p in (val_probs, test_probs))
     result = score_predictions(out, None, val, p_val, test, p_test, 0, target_mel_recall, "test", mel_confidence)
-    result["ensemble"] = [str(r) for r in runs]
+    # members relative to the ensemble's folder, so a runs tree can move as a whole
+    result["ensemble"] = [os.path.relpath(r.resolve(), out.resolve()) for r in runs]
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def ensemble_members(folder: str | Path) -> list[Path]:
+    """The member runs of a mean ensemble's folder (``mean_runs``); [] for anything else."""
+    folder = Path(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    members = [folder / m for m in metrics.get("ensemble", [])]
+    for m in members:
+        if not (m / "model.keras").exists():
+            raise DataError(f"{folder / 'metrics.json'}: its member run {m} has no model.keras; move the runs tree as a whole or rerun `ensemble`")
+    return members
 
 
 # --------------------------------------------------------------------------- spread over seeds and folds
@@ -699,21 +712,52 @@ def read_image(path: str | Path, image_size: int) -> np.ndarray:
 
 
 class Predictor:
-    """Scores single images fast: the run's model behind one compiled function,
-    with the run's fitted temperature applied when the run has been evaluated."""
+    """Scores single images fast: each model behind one compiled function, with
+    its run's fitted temperature applied when the run has been evaluated.
+
+    ``run`` is a run folder, or a mean ensemble's folder (``ensemble``): then
+    every member scores the image at its own input size, and the mean of their
+    calibrated probabilities gets the ensemble's temperature, exactly as
+    ``mean_runs`` scored the test split.
+    """
 
     def __init__(self, run: str | Path, tta: int = 1):
-        self.model, self.cfg = load_run_model(Path(run))
-        metrics = Path(run) / "metrics.json"
-        self.temperature = json.loads(metrics.read_text())["temperature"] if metrics.exists() else 1.0
-        self._fn = tta_function(self.model, tta)
+        run = Path(run)
+        members = ensemble_members(run) if (run / "metrics.json").exists() else []
+        self.runs = members or [run]
+        self.members = []
+        for member in self.runs:
+            model, cfg = load_run_model(member)
+            self.members.append((tta_function(model, tta), cfg, _saved_temperature(member)))
+        # a mean ensemble's own temperature goes on the mean of its members' calibrated probabilities
+        self.temperature = _saved_temperature(run) if members else 1.0
+        self.cfg = self.members[0][1]
+
+    def _mean(self, batches: dict[int, np.ndarray]) -> np.ndarray:
+        """Mean of the members' calibrated probabilities, each fed the batch at its input size."""
+        out = [apply_temperature(fn(tf.convert_to_tensor(batches[cfg.image_size], tf.float32)).numpy(), t) for fn, cfg, t in self.members]
+        return apply_temperature(np.mean(out, axis=0), self.temperature)
 
     def probs(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for a batch of (size, size, 3) images."""
-        return apply_temperature(self._fn(tf.convert_to_tensor(images, tf.float32)).numpy(), self.temperature)
+        """Calibrated class probabilities for a batch of (size, size, 3) images at ``cfg.image_size``
+        (an ensemble whose members differ in size takes files: ``probs_file``)."""
+        if len({cfg.image_size for _, cfg, _ in self.members}) > 1:
+            raise ValueError("this ensemble's members take different input sizes; score files with probs_file")
+        return self._mean({self.cfg.image_size: images})
+
+    def probs_file(self, path: str | Path) -> np.ndarray:
+        """Calibrated class probabilities for one image file (read once per input size)."""
+        sizes = {cfg.image_size for _, cfg, _ in self.members}
+        return self._mean({size: read_image(path, size)[None] for size in sizes})[0]
 
     def predict_file(self, path: str | Path, top: int = 3) -> list[tuple[str, float]]:
         """Top ``top`` (class, probability) for one image file."""
-        p = self.probs(read_image(path, self.cfg.image_size)[None])[0]
+        p = self.probs_file(path)
         order = np.argsort(-p)[:top]
         return [(CLASSES[i], float(p[i])) for i in order]
+
+
+def _saved_temperature(run: Path) -> float:
+    """The temperature fitted on validation when the run (or ensemble) was evaluated; 1 if it was not."""
+    metrics = Path(run) / "metrics.json"
+    return float(json.loads(metrics.read_text()).get("temperature", 1.0)) if metrics.exists() else 1.0

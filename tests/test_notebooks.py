@@ -41,8 +41,9 @@ def test_report_holds_every_expected_figure(report, study_data):
         run = f"smoke_{model}"
         expected += [f"03_{run}_{k}" for k in ("confusion_counts", "confusion_normalised", "per_class", "roc", "reliability")]
         expected += [f"04_{run}_gradcam"] + [f"05_{run}_{m}_by_group" for m in ("balanced_accuracy", "mel_recall", "ece")]
-    expected += ["03_model_comparison", "03_ensemble_confusion_counts", "03_stacked_confusion_counts", "03_stacked_roc"]
-    expected += [f"05_smoke_stacked_{m}_by_group" for m in ("balanced_accuracy", "mel_recall", "ece")]
+    expected += ["03_model_comparison", "03_smoke_ensemble_confusion_counts", "03_smoke_ensemble_roc", "03_paper_ensemble_confusion_counts"]
+    expected += ["03_stacked_confusion_counts", "03_stacked_roc"]
+    expected += [f"05_smoke_ensemble_{m}_by_group" for m in ("balanced_accuracy", "mel_recall", "ece")]
     if pretrained == "efficientnet_lite0":  # its second resolution and its weight average, for the decision layer
         expected += ["02_efficientnet_lite0_48_accuracy_curve"]
         expected += [f"03_smoke_efficientnet_lite0_{k}_confusion_counts" for k in ("48", "average")]
@@ -65,6 +66,35 @@ def test_decision_layer_weighs_the_backbone_runs_not_the_cnn(report):
     assert "smoke_cnn" not in weighed
     if (runs / "smoke_efficientnet_lite0").exists():
         assert weighed == {"smoke_efficientnet_lite0", "smoke_efficientnet_lite0/average", "smoke_efficientnet_lite0_48"}
+
+
+def test_study_ensemble_is_the_backbone_runs_mean_and_predicts_like_them(report, study_data):
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from skin_lesion.data import CLASSES
+    from skin_lesion.evaluate import Predictor, apply_temperature, ensemble_members
+
+    runs = report.parent.parent / "runs"
+    folder = runs / "smoke_ensemble"
+    members = ensemble_members(folder)
+    assert "smoke_cnn" not in {m.name for m in members}
+    if (runs / "smoke_efficientnet_lite0").exists():  # both resolutions and the weight average
+        expected = [runs / "smoke_efficientnet_lite0", runs / "smoke_efficientnet_lite0" / "average", runs / "smoke_efficientnet_lite0_48"]
+        assert [m.resolve() for m in members] == [e.resolve() for e in expected]
+    # its test probabilities: the members' calibrated probabilities averaged, then its own temperature
+    metrics = json.loads((folder / "metrics.json").read_text())
+    mine = pd.read_csv(folder / "predictions.csv")
+    theirs = [pd.read_csv(m / "predictions.csv").set_index("image_id").loc[mine["image_id"], list(CLASSES)].to_numpy() for m in members]
+    np.testing.assert_allclose(mine[list(CLASSES)].to_numpy(), apply_temperature(np.mean(theirs, 0), metrics["temperature"]), atol=1e-6)
+    # predict scores a file the same way, each member at its own input size
+    image = next(p for p in sorted((Path(study_data) / "images").iterdir()) if p.stem == mine["image_id"].iloc[0])
+    p = Predictor(folder).probs_file(image)
+    singles = [Predictor(m).probs_file(image) for m in members]
+    np.testing.assert_allclose(p, apply_temperature(np.mean(singles, 0)[None], metrics["temperature"])[0], atol=1e-5)
+    assert p.sum() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_executed_notebooks_ran_every_cell(report):

@@ -82,6 +82,25 @@ def test_stack_fits_a_decision_layer_on_validation(demo_run, tmp_path):
     assert res.returncode == 2 and "evaluate the run first" in res.stderr
 
 
+def test_ensemble_averages_runs_and_predict_takes_its_folder(demo_run, demo_dir, tmp_path):
+    ens = tmp_path / "ens"
+    res = cli("ensemble", str(demo_run), str(demo_run / "average"), "--out", str(ens))
+    assert res.returncode == 0 and "mean ensemble of 2 runs" in res.stdout, res.stderr[-2000:]
+    metrics = json.loads((ens / "metrics.json").read_text())
+    assert [(ens / m).resolve() for m in metrics["ensemble"]] == [demo_run.resolve(), (demo_run / "average").resolve()]
+    assert {"balanced_accuracy", "macro_auc"} <= set(metrics["calibrated"]) and metrics["mel_operating_point"]["confidence"] == 0.95
+    assert (ens / "predictions.csv").exists() and (ens / "predictions_val.csv").exists()  # it stacks and summarizes like a run
+    image = sorted((demo_dir / "images").iterdir())[0]
+    res = cli("predict", "--run", str(ens), "--json", str(image))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(json.loads(res.stdout)["predictions"][0]["top3"]) == 3
+    # a member that has gone: one line naming it, no traceback
+    metrics["ensemble"].append("../nowhere")
+    (ens / "metrics.json").write_text(json.dumps(metrics))
+    res = cli("predict", "--run", str(ens), str(image))
+    assert res.returncode == 2 and "nowhere has no model.keras" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_summarize_gives_each_run_and_mean_and_sd(demo_run, tmp_path):
     stacked = tmp_path / "stacked"
     assert cli("stack", str(demo_run), "--out", str(stacked)).returncode == 0
