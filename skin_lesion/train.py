@@ -465,9 +465,10 @@ def study_runs(profile: str, pretrained: str) -> dict[str, dict]:
     """The runs the notebooks train on ``profile``: folder name -> TrainConfig
     fields. The custom CNN, the pretrained backbone and, for EfficientNet-Lite0
     on profiles in ``COMPANION_SIZE``, the backbone again at a lower resolution,
-    oversampled, best epoch only: the decision layer weighs it beside the first
-    run and that run's weight average. That recipe won on validation over
-    three seeds (README, "Two resolutions and a weight average")."""
+    oversampled, best epoch only: the study's mean ensemble (and the decision
+    layer) combine it with the first run and that run's weight average. Those
+    models and that combination won on validation over three seeds (README,
+    "Two resolutions and a weight average" and "The mean ensemble")."""
     runs = {f"{profile}_cnn": dict(model="cnn"), f"{profile}_{pretrained}": dict(model=pretrained)}
     if pretrained == "efficientnet_lite0" and profile in COMPANION_SIZE:
         size = COMPANION_SIZE[profile]
