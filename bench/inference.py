@@ -63,7 +63,8 @@ def main() -> None:
             t0 = time.perf_counter()
             predictor.predict_file(args.image)
             times.append(time.perf_counter() - t0)
-        print(f"predict end to end ({args.run}, {predictor.cfg.model}): {1000 * np.median(times):.1f} ms per image (median of {args.repeats})")
+        models = ", ".join(f"{cfg.model} {cfg.image_size} px" for _, cfg, _ in predictor.members)
+        print(f"predict end to end ({args.run}: {models}): {1000 * np.median(times):.1f} ms per image (median of {args.repeats})")
 
 
 if __name__ == "__main__":
