@@ -400,11 +400,9 @@ def mean_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float 
     val, val_probs = aligned_probabilities(runs, "val")
     test, test_probs = aligned_probabilities(runs, "test")
     p_val, p_test = (np.mean(list(p.values()), axis=0) for p in (val_probs, test_probs))
-    result = score_predictions(out, None, val, p_val, test, p_test, 0, target_mel_recall, "test", mel_confidence)
     # members relative to the ensemble's folder, so a runs tree can move as a whole
-    result["ensemble"] = [os.path.relpath(r.resolve(), out.resolve()) for r in runs]
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    return result
+    members = [os.path.relpath(r.resolve(), out.resolve()) for r in runs]
+    return score_predictions(out, None, val, p_val, test, p_test, 0, target_mel_recall, "test", mel_confidence, extra=dict(ensemble=members))
 
 
 def ensemble_members(folder: str | Path) -> list[Path]:
@@ -622,8 +620,10 @@ def score_predictions(
     target_mel_recall: float,
     name: str,
     mel_confidence: float | None = 0.95,
+    extra: dict | None = None,
 ) -> dict:
-    """Metrics, calibration and operating point from validation and test probabilities; writes files."""
+    """Metrics, calibration and operating point from validation and test probabilities
+    (plus ``extra`` keys for ``metrics.json``); writes files."""
     y_val, y_test = label_ids(val["dx"]), label_ids(test["dx"])
     t = fit_temperature(p_val, y_val)
     cal_test = apply_temperature(p_test, t)
@@ -641,6 +641,7 @@ def score_predictions(
         mel_operating_point=operating_point(y_test, cal_test, thr, target_mel_recall, mel_confidence, _mel_recall_at(cal_val, y_val, thr)),
         validation=classification_metrics(y_val, cal_val),
         intervals_95=lesion_bootstrap(y_test, cal_test, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
+        **(extra or {}),
     )
     run.mkdir(parents=True, exist_ok=True)
     suffix = "" if name == "test" else f"_{name}"
