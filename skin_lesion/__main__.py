@@ -72,12 +72,20 @@ def _train_cmd(args) -> int:
     return 0
 
 
+HEADLINE: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall")
+
+
+def _print_headline(c: dict, keys: tuple[str, ...] = HEADLINE) -> None:
+    """The calibrated metrics ``keys``, one line each (n/a where undefined)."""
+    for key in keys:
+        print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
+
+
 def _print_metrics(m: dict) -> None:
     """Headline numbers of a metrics dict, one line each."""
     c, op = m["calibrated"], m["mel_operating_point"]
     print(f"evaluated on {m['evaluated_on']} ({c['n']} images, TTA {m['tta_views']} views) -> {Path(m['run']) / 'metrics.json'}")
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall"):
-        print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
+    _print_headline(c)
     print(f"  ECE raw {m['raw']['ece']:.4f} -> calibrated {c['ece']:.4f} (T={m['temperature']:.2f})")
     print(_operating_point_line(op))
 
@@ -144,8 +152,7 @@ def _stack_cmd(args) -> int:
     layer, c, op = m["decision_layer"], m["calibrated"], m["mel_operating_point"]
     print(f"decision layer: {' + '.join(layer['models'])}{' + metadata' if layer['metadata'] else ''}, C={layer['C']} "
           f"(validation CV balanced accuracy {layer['cv_balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall", "ece"):
-        print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
+    _print_headline(c, (*HEADLINE, "ece"))
     print(_operating_point_line(op))
     return 0
 
@@ -156,8 +163,7 @@ def _ensemble_cmd(args) -> int:
     m = mean_runs(args.runs, args.out, **_operating_point(args))
     c = m["calibrated"]
     print(f"mean ensemble of {len(m['ensemble'])} runs (validation balanced accuracy {m['validation']['balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall", "ece"):
-        print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
+    _print_headline(c, (*HEADLINE, "ece"))
     print(_operating_point_line(m["mel_operating_point"]))
     return 0
 

@@ -390,7 +390,8 @@ def mean_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float 
     temperature-scaled probabilities, argmax, with a melanoma threshold chosen on
     validation as for a single run. Nothing but that threshold (and a
     temperature for the mean, which leaves the argmax as it is) is fitted on
-    validation, so unlike the decision layer it cannot overfit a small split.
+    validation, so unlike the decision layer it has next to nothing to overfit
+    a small split with.
 
     Writes ``metrics.json`` (with ``ensemble``: the member runs),
     ``predictions.csv`` and ``predictions_val.csv`` into ``out``, so the result
@@ -402,7 +403,8 @@ def mean_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float 
     p_val, p_test = (np.mean(list(p.values()), axis=0) for p in (val_probs, test_probs))
     # members relative to the ensemble's folder, so a runs tree can move as a whole
     members = [os.path.relpath(r.resolve(), out.resolve()) for r in runs]
-    return score_predictions(out, None, val, p_val, test, p_test, 0, target_mel_recall, "test", mel_confidence, extra=dict(ensemble=members))
+    # tta_views None: the members' saved probabilities carry their own TTA (in their metrics.json)
+    return score_predictions(out, None, val, p_val, test, p_test, None, target_mel_recall, "test", mel_confidence, extra=dict(ensemble=members))
 
 
 def ensemble_members(folder: str | Path) -> list[Path]:
@@ -616,7 +618,7 @@ def score_predictions(
     p_val: np.ndarray,
     test: pd.DataFrame,
     p_test: np.ndarray,
-    tta: int,
+    tta: int | None,
     target_mel_recall: float,
     name: str,
     mel_confidence: float | None = 0.95,

@@ -58,8 +58,8 @@ MODEL_PROFILES: dict[tuple[str, str], dict] = {
     ("efficientnet_lite0", "cpu"): dict(imbalance="sqrt", average_last=5),
     ("efficientnet_lite0", "smoke"): dict(imbalance="sqrt", average_last=1),
 }
-# The study's second, lower-resolution run of EfficientNet-Lite0 per profile,
-# for the decision layer to weigh beside the first (none on gpu: not measured).
+# The study's second, lower-resolution run of EfficientNet-Lite0 per profile, a
+# member of the study's mean ensemble beside the first (none on gpu: not measured).
 COMPANION_SIZE: dict[str, int] = {"smoke": 48, "cpu": 160}
 # Where augmentation runs: in tf.data (overlapping the train step on the CPU) or as
 # the model's first layer (on the accelerator; the pipeline then only decodes,
@@ -374,8 +374,8 @@ class WeightAverage(keras.callbacks.Callback):
     epoch's checkpoint, removed with it), so a resumed run continues it. Batch
     normalisation statistics are averaged too; they are frozen in fine-tuning.
     The run's ``model.keras`` stays the best epoch: the mean is a second model,
-    for a decision layer to weigh beside it (README, "Two resolutions and a
-    weight average").
+    a member of the study's mean ensemble beside it (README, "Two resolutions
+    and a weight average").
     """
 
     def __init__(self, run: Path, first: int, end: int, val_dataset: tf.data.Dataset, val_labels: np.ndarray):
