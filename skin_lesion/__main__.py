@@ -115,11 +115,14 @@ def _add_operating_point(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_cmd(args) -> int:
-    from skin_lesion.evaluate import evaluate_run
-
     if bool(args.images) != bool(args.labels):
         raise SystemExit("evaluate: --images and --labels go together")
-    _print_metrics(evaluate_run(args.run, images=args.images, labels=args.labels, tta=args.tta, **_operating_point(args)))
+    if bool(args.image_size) != bool(args.out):
+        raise SystemExit("evaluate: --image-size and --out go together (the run scored at another size is written to --out)")
+    from skin_lesion.evaluate import evaluate_run, resize_run
+
+    run = resize_run(args.run, args.image_size, args.out) if args.image_size else args.run
+    _print_metrics(evaluate_run(run, images=args.images, labels=args.labels, tta=args.tta, **_operating_point(args)))
     return 0
 
 
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", help="external image folder")
     e.add_argument("--labels", help="external labels CSV: image_id,dx or ISIC one-hot")
     e.add_argument("--tta", type=int, default=8)
+    e.add_argument("--image-size", dest="image_size", type=int, help="score the model at this input size (a copy of the run, written to --out)")
+    e.add_argument("--out", help="with --image-size: the folder for the resized copy of the run")
     _add_operating_point(e)
     e.set_defaults(func=_evaluate_cmd)
 

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,6 +74,33 @@ def load_run_model(run: Path) -> tuple[keras.Model, TrainConfig]:
     if not path.exists():
         raise DataError(f"{path}: no trained model in the run folder; train it first (`python -m skin_lesion train --run {run}`)")
     return keras.models.load_model(path, safe_mode=True, compile=False), TrainConfig.load(Path(run) / "config.json")
+
+
+def resize_run(run: str | Path, image_size: int, out: str | Path) -> Path:
+    """Copy a run into ``out`` with its model taking ``image_size`` px inputs
+    (the same weights: the backbones end in global pooling, so any size fits).
+
+    Scoring a model at another size than it was trained at (test-time
+    resolution, as in FixRes) is then a run like any other: ``evaluate``,
+    ``ensemble`` and ``predict`` take the copy. Its ``config.json`` records the
+    new size and ``extra.resized_from``; ``split.csv`` is the run's own."""
+    run, out = Path(run), Path(out)
+    if out.resolve() == run.resolve():
+        raise DataError(f"{out}: resizing a run needs another folder than the run itself; pass --out")
+    model, _ = load_run_model(run)
+    inp = keras.Input((image_size, image_size, 3), name="image")
+    try:
+        sized = keras.models.clone_model(model, input_tensors=[inp] if isinstance(model.input, list) else inp)
+        sized.set_weights(model.get_weights())
+    except ValueError as e:
+        raise DataError(f"{run / 'model.keras'}: this model cannot take {image_size} px inputs ({e})") from e
+    out.mkdir(parents=True, exist_ok=True)
+    sized.save(out / "model.keras")
+    raw = json.loads((run / "config.json").read_text())
+    extra = {**raw.get("extra", {}), "resized_from": os.path.relpath(run.resolve(), out.resolve())}
+    (out / "config.json").write_text(json.dumps({**raw, "image_size": image_size, "run": str(out), "extra": extra}, indent=2))
+    shutil.copyfile(run / "split.csv", out / "split.csv")
+    return out
 
 
 # --------------------------------------------------------------------------- metrics

@@ -101,6 +101,32 @@ def test_ensemble_averages_runs_and_predict_takes_its_folder(demo_run, demo_dir,
     assert res.returncode == 2 and "nowhere has no model.keras" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_evaluate_at_another_input_size_writes_a_run_that_ensembles(demo_run, demo_dir, tmp_path):
+    from skin_lesion.evaluate import load_run_model, read_image, resize_run
+
+    image = sorted((demo_dir / "images").iterdir())[0]
+    # at the run's own size the copy is the same model: same outputs on a real JPEG
+    same = resize_run(demo_run, 64, tmp_path / "at64")
+    (a, _), (b, cfg) = load_run_model(demo_run), load_run_model(same)
+    x = read_image(image, 64)[None]
+    assert cfg.extra["resized_from"] == os.path.relpath(demo_run.resolve(), same.resolve())
+    assert abs(a(x).numpy() - b(x).numpy()).max() < 1e-6
+    res = cli("evaluate", "--run", str(demo_run), "--image-size", "80", "--out", str(tmp_path / "at80"), "--tta", "1")
+    assert res.returncode == 0 and "balanced_accuracy" in res.stdout, res.stderr[-2000:]
+    at80 = tmp_path / "at80"
+    assert TrainConfig.load(at80 / "config.json").image_size == 80
+    assert load_run_model(at80)[0].input_shape[1:3] == (80, 80)
+    assert (at80 / "split.csv").read_text() == (demo_run / "split.csv").read_text()
+    assert json.loads((at80 / "metrics.json").read_text())["tta_views"] == 1 and (at80 / "predictions_val.csv").exists()
+    # the resized copy joins a mean ensemble beside the run; predict feeds each its own size
+    res = cli("ensemble", str(demo_run), str(at80), "--out", str(tmp_path / "ens"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = cli("predict", "--run", str(tmp_path / "ens"), "--json", str(image))
+    assert res.returncode == 0 and len(json.loads(res.stdout)["predictions"][0]["top3"]) == 3, res.stderr[-2000:]
+    res = cli("evaluate", "--run", str(demo_run), "--image-size", "80")
+    assert res.returncode != 0 and "--image-size and --out go together" in res.stderr
+
+
 def test_summarize_gives_each_run_and_mean_and_sd(demo_run, tmp_path):
     stacked = tmp_path / "stacked"
     assert cli("stack", str(demo_run), "--out", str(stacked)).returncode == 0
