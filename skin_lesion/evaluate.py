@@ -85,6 +85,8 @@ def resize_run(run: str | Path, image_size: int, out: str | Path) -> Path:
     ``ensemble`` and ``predict`` take the copy. Its ``config.json`` records the
     new size and ``extra.resized_from``; ``split.csv`` is the run's own."""
     run, out = Path(run), Path(out)
+    if image_size < 32:  # the backbones downsample 32-fold
+        raise DataError(f"--image-size {image_size}: too small; the models need at least 32 px")
     if out.resolve() == run.resolve():
         raise DataError(f"{out}: resizing a run needs another folder than the run itself; pass --out")
     model, _ = load_run_model(run)
