@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from sklearn.metrics import (
 
 from skin_lesion.data import CLASSES, DataError, corrupt_image, image_index, load_dataset
 from skin_lesion.pipeline import label_ids, make_pipeline
-from skin_lesion.train import AVERAGE_DIR, TrainConfig, completed_epochs, prepare_split, train
+from skin_lesion.train import AVERAGE_DIR, TrainConfig, completed_epochs, prepare_split, train, write_derived_run
 
 log = logging.getLogger("skin_lesion")
 MEL = CLASSES.index("mel")
@@ -89,7 +88,7 @@ def resize_run(run: str | Path, image_size: int, out: str | Path) -> Path:
         raise DataError(f"--image-size {image_size}: too small; the models need at least 32 px")
     if out.resolve() == run.resolve():
         raise DataError(f"{out}: resizing a run needs another folder than the run itself; pass --out")
-    model, _ = load_run_model(run)
+    model, cfg = load_run_model(run)
     inp = keras.Input((image_size, image_size, 3), name="image")
     try:
         sized = keras.models.clone_model(model, input_tensors=[inp] if isinstance(model.input, list) else inp)
@@ -98,10 +97,8 @@ def resize_run(run: str | Path, image_size: int, out: str | Path) -> Path:
         raise DataError(f"{run / 'model.keras'}: this model cannot take {image_size} px inputs ({e})") from e
     out.mkdir(parents=True, exist_ok=True)
     sized.save(out / "model.keras")
-    raw = json.loads((run / "config.json").read_text())
-    extra = {**raw.get("extra", {}), "resized_from": os.path.relpath(run.resolve(), out.resolve())}
-    (out / "config.json").write_text(json.dumps({**raw, "image_size": image_size, "run": str(out), "extra": extra}, indent=2))
-    shutil.copyfile(run / "split.csv", out / "split.csv")
+    extra = {**cfg.extra, "resized_from": os.path.relpath(run.resolve(), out.resolve())}
+    write_derived_run(run, out, image_size=image_size, extra=extra)
     return out
 
 

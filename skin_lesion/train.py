@@ -414,16 +414,18 @@ class WeightAverage(keras.callbacks.Callback):
         tmp = out / "model.tmp.keras"
         self.model.save(tmp)
         os.replace(tmp, out / "model.keras")
-        _write_average_run(self.run, out)
+        write_derived_run(self.run, out)
         log.info("%s: mean of the last %d epochs' weights, validation balanced accuracy %.4f", out / "model.keras", n, logs["val_balanced_accuracy_average"])
 
 
-def _write_average_run(run: Path, out: Path) -> None:
-    """Make ``out`` a run folder of its own: the parent's config (pointing at ``out``) and split."""
+def write_derived_run(run: Path, out: Path, **changes) -> None:
+    """Make ``out`` a run folder of its own, derived from ``run`` (a weight
+    average, a resized copy): ``run``'s config pointing at ``out``, with
+    ``changes`` to its fields, and ``run``'s split."""
     config = run / "config.json"
-    if config.exists():  # absent only where the callback is used outside ``train``
+    if config.exists():  # absent only where WeightAverage is used outside ``train``
         raw = json.loads(config.read_text())
-        _write_atomic(out / "config.json", json.dumps({**raw, "run": str(Path(raw.get("run", run)) / AVERAGE_DIR)}, indent=2))
+        _write_atomic(out / "config.json", json.dumps({**raw, "run": str(out), **changes}, indent=2))
     if (run / "split.csv").exists():
         shutil.copyfile(run / "split.csv", out / "split.csv")
 
