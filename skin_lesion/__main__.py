@@ -117,11 +117,11 @@ def _add_operating_point(parser: argparse.ArgumentParser) -> None:
 def _evaluate_cmd(args) -> int:
     if bool(args.images) != bool(args.labels):
         raise SystemExit("evaluate: --images and --labels go together")
-    if bool(args.image_size) != bool(args.out):
+    if (args.image_size is None) != (args.out is None):  # --image-size 0 is an error of its own, not "absent"
         raise SystemExit("evaluate: --image-size and --out go together (the run scored at another size is written to --out)")
     from skin_lesion.evaluate import evaluate_run, resize_run
 
-    run = resize_run(args.run, args.image_size, args.out) if args.image_size else args.run
+    run = resize_run(args.run, args.image_size, args.out) if args.out else args.run
     _print_metrics(evaluate_run(run, images=args.images, labels=args.labels, tta=args.tta, **_operating_point(args)))
     return 0
 
