@@ -127,20 +127,22 @@ def _evaluate_cmd(args) -> int:
 
 
 def _predict_cmd(args) -> int:
-    from skin_lesion.evaluate import ImageError, Predictor
+    from skin_lesion.evaluate import ImageError, Predictor, top_classes
 
     predictor = Predictor(args.run, tta=args.tta)
     failed, results = 0, []
     for path in args.images:
         try:
-            top = predictor.predict_file(path, top=3)
+            probs = predictor.probs_file(path)
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        results.append({"image": path, "top3": [{"dx": c, "probability": round(p, 4)} for c, p in top]})
+        # the label is the top class, except where an ensemble's logit adjustment moves it to a rarer one
+        top, label = top_classes(probs, 3), predictor.label(probs)
+        results.append({"image": path, "label": label, "top3": [{"dx": c, "probability": round(p, 4)} for c, p in top]})
         if not args.json:
-            print(f"{path}: " + ", ".join(f"{c} {p:.1%}" for c, p in top))
+            print(f"{path}: {label} (" + ", ".join(f"{c} {p:.1%}" for c, p in top) + ")")
     if args.json:
         print(json.dumps({"predictions": results, "note": DISCLAIMER}, indent=2))
     else:
@@ -163,9 +165,10 @@ def _stack_cmd(args) -> int:
 def _ensemble_cmd(args) -> int:
     from skin_lesion.evaluate import mean_runs
 
-    m = mean_runs(args.runs, args.out, **_operating_point(args))
+    m = mean_runs(args.runs, args.out, logit_adjust=args.logit_adjust, **_operating_point(args))
     c = m["calibrated"]
-    print(f"mean ensemble of {len(m['ensemble'])} runs (validation balanced accuracy {m['validation']['balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
+    adjusted = f", logit adjustment tau={args.logit_adjust:g}" if args.logit_adjust else ""
+    print(f"mean ensemble of {len(m['ensemble'])} runs{adjusted} (validation balanced accuracy {m['validation']['balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
     _print_headline(c, (*HEADLINE, "ece"))
     print(_operating_point_line(m["mel_operating_point"]))
     return 0
@@ -274,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     en = sub.add_parser("ensemble", help="the mean of evaluated runs' calibrated probabilities, scored on test; predict takes its folder")
     en.add_argument("runs", nargs="+", help="evaluated run folders that share a split")
     en.add_argument("--out", required=True, help="folder for metrics.json and predictions (members are recorded relative to it)")
+    en.add_argument("--logit-adjust", dest="logit_adjust", type=float, default=0.0, metavar="TAU",
+                    help="decide by the argmax of the calibrated mean's log-probabilities minus TAU x log(training class frequency) (the study uses 0.3)")
     _add_operating_point(en)
     en.set_defaults(func=_ensemble_cmd)
 

@@ -37,6 +37,9 @@ log = logging.getLogger("skin_lesion")
 MEL = CLASSES.index("mel")
 ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 AGE_BANDS: tuple[int, ...] = (0, 30, 45, 60, 75, 120)
+# tau of the study's mean ensemble (``mean_runs(logit_adjust=...)``): chosen on validation
+# across seeds 0-3, leave one seed out, by the rule registered in commit 120162f (README)
+STUDY_LOGIT_ADJUST = 0.3
 
 
 # --------------------------------------------------------------------------- prediction
@@ -178,6 +181,20 @@ def apply_temperature(probs: np.ndarray, t: float) -> np.ndarray:
     return z / z.sum(1, keepdims=True)
 
 
+def train_class_frequency(run: str | Path) -> np.ndarray:
+    """Each class's share of the training rows in the run's ``split.csv`` (CLASSES order)."""
+    path = Path(run) / "split.csv"
+    if not path.exists():
+        raise DataError(f"{path}: missing; logit adjustment needs the training split of a run (train it, or pass run folders, not ensembles)")
+    split = pd.read_csv(path)
+    counts = split.loc[split["split"] == "train", "dx"].value_counts()
+    if counts.sum() == 0:
+        raise DataError(f"{path}: no training rows; logit adjustment needs a run with a train split (not a k-fold parent)")
+    # a class absent from training counts as one image, so its log-frequency stays finite
+    freq = np.array([max(int(counts.get(c, 0)), 1) for c in CLASSES], dtype=float)
+    return freq / freq.sum()
+
+
 def _recall_threshold(p_mel: np.ndarray, target_recall: float) -> float:
     """Highest threshold on melanomas' p(mel) that keeps ``target_recall`` of them at or above it."""
     p = np.sort(p_mel)[::-1]
@@ -205,25 +222,29 @@ def mel_threshold(
     return float(min(point, np.quantile(draws, 1 - confidence)))
 
 
-def _mel_recall_at(probs: np.ndarray, y: np.ndarray, threshold: float) -> float | None:
-    """Melanoma recall of ``decide(probs, threshold)`` on these rows (None without melanomas)."""
-    return float((decide(probs, threshold)[y == MEL] == MEL).mean()) if (y == MEL).any() else None
+def _mel_recall_at(probs: np.ndarray, y: np.ndarray, threshold: float, offset: np.ndarray | None = None) -> float | None:
+    """Melanoma recall of ``decide(probs, threshold, offset)`` on these rows (None without melanomas)."""
+    return float((decide(probs, threshold, offset)[y == MEL] == MEL).mean()) if (y == MEL).any() else None
 
 
-def operating_point(y: np.ndarray, probs: np.ndarray, threshold: float, target_recall: float, confidence: float | None, val_mel_recall: float | None) -> dict:
+def operating_point(
+    y: np.ndarray, probs: np.ndarray, threshold: float, target_recall: float, confidence: float | None, val_mel_recall: float | None,
+    offset: np.ndarray | None = None,
+) -> dict:
     """The ``mel_operating_point`` record: how the threshold was chosen on
     validation, and accuracy, balanced accuracy, macro-F1 and melanoma
     recall / specificity on these (test) rows when it decides."""
-    at = classification_metrics(y, probs, decide(probs, threshold))
+    at = classification_metrics(y, probs, decide(probs, threshold, offset))
     return dict(
         threshold=threshold, target_recall_on_val=target_recall, confidence=confidence, val_mel_recall=val_mel_recall,
         **{k: at[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mel_recall", "mel_specificity")},
     )
 
 
-def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Predicted class: melanoma when p(mel) reaches the threshold, else the most probable class."""
-    pred = probs.argmax(1)
+def decide(probs: np.ndarray, threshold: float | None, offset: np.ndarray | None = None) -> np.ndarray:
+    """Predicted class: melanoma when p(mel) reaches the threshold, else the most probable
+    class -- with a per-class log ``offset`` (logit adjustment), the argmax of log p + offset."""
+    pred = probs.argmax(1) if offset is None else (np.log(np.clip(probs, 1e-12, 1)) + np.asarray(offset, dtype=float)).argmax(1)
     if threshold is not None:
         pred = np.where(probs[:, MEL] >= threshold, MEL, pred)
     return pred
@@ -412,7 +433,9 @@ def stack_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float
     return score_decision_layer(layer, test_probs, test, out)
 
 
-def mean_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95) -> dict:
+def mean_runs(
+    runs: list[str | Path], out: str | Path, target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95, logit_adjust: float = 0.0
+) -> dict:
     """The mean ensemble of evaluated runs that share a split: the mean of their
     temperature-scaled probabilities, argmax, with a melanoma threshold chosen on
     validation as for a single run. Nothing but that threshold (and a
@@ -420,18 +443,31 @@ def mean_runs(runs: list[str | Path], out: str | Path, target_mel_recall: float 
     validation, so unlike the decision layer it has next to nothing to overfit
     a small split with.
 
-    Writes ``metrics.json`` (with ``ensemble``: the member runs),
-    ``predictions.csv`` and ``predictions_val.csv`` into ``out``, so the result
-    summarizes, stacks and predicts like a run.
+    ``logit_adjust`` (tau, Menon et al.'s post-hoc logit adjustment) changes
+    the decision rule: the label is the argmax of the calibrated mean's
+    log-probabilities minus tau * log(training class frequency), which moves
+    decisions towards rare classes; the probabilities (AUC, ECE, what
+    ``predict`` shows) stay the calibrated mean. The study uses
+    ``STUDY_LOGIT_ADJUST``, chosen across seeds on validation (README).
+
+    Writes ``metrics.json`` (with ``ensemble``: the member runs, and
+    ``logit_adjust`` when tau is not 0), ``predictions.csv`` and
+    ``predictions_val.csv`` into ``out``, so the result summarizes, stacks and
+    predicts like a run.
     """
     runs, out = [Path(r) for r in runs], Path(out)
     val, val_probs = aligned_probabilities(runs, "val")
     test, test_probs = aligned_probabilities(runs, "test")
     p_val, p_test = (np.mean(list(p.values()), axis=0) for p in (val_probs, test_probs))
     # members relative to the ensemble's folder, so a runs tree can move as a whole
-    members = [os.path.relpath(r.resolve(), out.resolve()) for r in runs]
+    extra: dict = dict(ensemble=[os.path.relpath(r.resolve(), out.resolve()) for r in runs])
+    offset = None
+    if logit_adjust:
+        freq = train_class_frequency(runs[0])
+        offset = -float(logit_adjust) * np.log(freq)
+        extra["logit_adjust"] = dict(tau=float(logit_adjust), train_class_frequency=freq.tolist(), offset=offset.tolist())
     # tta_views None: the members' saved probabilities carry their own TTA (in their metrics.json)
-    return score_predictions(out, None, val, p_val, test, p_test, None, target_mel_recall, "test", mel_confidence, extra=dict(ensemble=members))
+    return score_predictions(out, None, val, p_val, test, p_test, None, target_mel_recall, "test", mel_confidence, extra=extra, logit_offset=offset)
 
 
 def ensemble_members(folder: str | Path) -> list[Path]:
@@ -512,11 +548,13 @@ def lesion_resamples(n_rows: int, groups: np.ndarray | None = None, n: int = 300
         yield np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
 
 
-def lesion_bootstrap(y: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None, n: int = 300, seed: int = 0) -> dict[str, tuple[float, float]]:
+def lesion_bootstrap(
+    y: np.ndarray, probs: np.ndarray, groups: np.ndarray | None = None, n: int = 300, seed: int = 0, pred: np.ndarray | None = None
+) -> dict[str, tuple[float, float]]:
     """95% percentile intervals of balanced accuracy, macro AUC and melanoma
-    recall (argmax), resampling whole lesions."""
+    recall (of ``pred``, by default the argmax), resampling whole lesions."""
     draws: dict[str, list[float]] = {"balanced_accuracy": [], "macro_auc": [], "mel_recall": []}
-    pred = probs.argmax(1)
+    pred = probs.argmax(1) if pred is None else pred
     for idx in lesion_resamples(len(y), groups, n, seed):
         yy, pp, pr = y[idx], probs[idx], pred[idx]
         draws["balanced_accuracy"].append(mean_recall(yy, pr))
@@ -650,15 +688,23 @@ def score_predictions(
     name: str,
     mel_confidence: float | None = 0.95,
     extra: dict | None = None,
+    logit_offset: np.ndarray | None = None,
 ) -> dict:
     """Metrics, calibration and operating point from validation and test probabilities
-    (plus ``extra`` keys for ``metrics.json``); writes files."""
+    (plus ``extra`` keys for ``metrics.json``); writes files.
+
+    ``logit_offset`` (per class) changes the decision rule, not the probabilities:
+    the label is the argmax of the calibrated log-probabilities plus the offset
+    (``decide``), so the argmax metrics, the operating point and the predicted
+    labels use it, while AUC and ECE stay those of the calibrated probabilities.
+    ``raw`` is the plain argmax before temperature and offset."""
     y_val, y_test = label_ids(val["dx"]), label_ids(test["dx"])
     t = fit_temperature(p_val, y_val)
     cal_test = apply_temperature(p_test, t)
     cal_val = apply_temperature(p_val, t)
     thr = mel_threshold(cal_val, y_val, target_mel_recall, val["lesion_id"].to_numpy() if "lesion_id" in val else None, mel_confidence)
-    pred = decide(cal_test, thr)
+    label_test, label_val = decide(cal_test, None, logit_offset), decide(cal_val, None, logit_offset)
+    pred = decide(cal_test, thr, logit_offset)
     result = dict(
         run=str(run),
         config=asdict(cfg) if cfg else None,
@@ -666,10 +712,12 @@ def score_predictions(
         tta_views=tta,
         raw=classification_metrics(y_test, p_test),
         temperature=t,
-        calibrated=classification_metrics(y_test, cal_test),
-        mel_operating_point=operating_point(y_test, cal_test, thr, target_mel_recall, mel_confidence, _mel_recall_at(cal_val, y_val, thr)),
-        validation=classification_metrics(y_val, cal_val),
-        intervals_95=lesion_bootstrap(y_test, cal_test, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
+        calibrated=classification_metrics(y_test, cal_test, label_test),
+        mel_operating_point=operating_point(
+            y_test, cal_test, thr, target_mel_recall, mel_confidence, _mel_recall_at(cal_val, y_val, thr, logit_offset), logit_offset
+        ),
+        validation=classification_metrics(y_val, cal_val, label_val),
+        intervals_95=lesion_bootstrap(y_test, cal_test, test["lesion_id"].to_numpy() if "lesion_id" in test else None, pred=label_test),
         **(extra or {}),
     )
     run.mkdir(parents=True, exist_ok=True)
@@ -677,7 +725,7 @@ def score_predictions(
     (run / f"metrics{suffix}.json").write_text(json.dumps(result, indent=2))
     prediction_table(test, cal_test, pred).to_csv(run / f"predictions{suffix}.csv", index=False)
     if name == "test":  # what a decision layer over several runs is fitted on
-        prediction_table(val, cal_val, decide(cal_val, thr)).to_csv(run / "predictions_val.csv", index=False)
+        prediction_table(val, cal_val, decide(cal_val, thr, logit_offset)).to_csv(run / "predictions_val.csv", index=False)
     return result
 
 
@@ -759,8 +807,10 @@ class Predictor:
         for member in self.runs:
             model, cfg = load_run_model(member)
             self.members.append((tta_function(model, tta), cfg, _saved_temperature(member)))
-        # a mean ensemble's own temperature goes on the mean of its members' calibrated probabilities
+        # a mean ensemble's own temperature goes on the mean of its members' calibrated probabilities;
+        # its logit adjustment, if it has one, moves only the decided label (``label``)
         self.temperature = _saved_temperature(run) if members else 1.0
+        self.offset = _saved_logit_offset(run) if members else None
         self.cfg = self.members[0][1]
 
     def _mean(self, batches: dict[int, np.ndarray]) -> np.ndarray:
@@ -780,11 +830,26 @@ class Predictor:
         sizes = {cfg.image_size for _, cfg, _ in self.members}
         return self._mean({size: read_image(path, size)[None] for size in sizes})[0]
 
+    def label(self, probs: np.ndarray) -> str:
+        """The decided class for one image's probabilities: the argmax, or for an
+        ensemble with a logit adjustment the argmax of log p + its offset."""
+        return CLASSES[int(decide(np.asarray(probs)[None], None, self.offset)[0])]
+
     def predict_file(self, path: str | Path, top: int = 3) -> list[tuple[str, float]]:
         """Top ``top`` (class, probability) for one image file."""
-        p = self.probs_file(path)
-        order = np.argsort(-p)[:top]
-        return [(CLASSES[i], float(p[i])) for i in order]
+        return top_classes(self.probs_file(path), top)
+
+
+def top_classes(probs: np.ndarray, top: int = 3) -> list[tuple[str, float]]:
+    """The ``top`` most probable (class, probability) pairs of one image's probabilities."""
+    order = np.argsort(-probs)[:top]
+    return [(CLASSES[i], float(probs[i])) for i in order]
+
+
+def _saved_logit_offset(run: Path) -> np.ndarray | None:
+    """A mean ensemble's per-class logit offset (``mean_runs(logit_adjust=...)``); None if it has none."""
+    adjust = json.loads((Path(run) / "metrics.json").read_text()).get("logit_adjust")
+    return np.asarray(adjust["offset"], dtype=float) if adjust else None
 
 
 def _saved_temperature(run: Path) -> float:

@@ -17,8 +17,10 @@ from skin_lesion.evaluate import (
     fit_decision_layer,
     fit_temperature,
     lesion_bootstrap,
+    mean_runs,
     mel_threshold,
     metadata_features,
+    prediction_table,
     read_labels,
     score_decision_layer,
     subgroup_table,
@@ -210,3 +212,67 @@ def test_lesion_bootstrap_intervals_bracket_the_estimate_and_widen_for_duplicate
     lo4, hi4 = lesion_bootstrap(y4, probs4, np.repeat(np.arange(100), 4))["balanced_accuracy"]
     lo1, hi1 = lesion_bootstrap(y4, probs4, np.arange(400))["balanced_accuracy"]
     assert hi4 - lo4 > 1.5 * (hi1 - lo1)
+
+
+# HAM10000-like class shares (akiec, bcc, bkl, df, mel, nv, vasc)
+_HAM_SHARES = np.array([0.033, 0.051, 0.11, 0.011, 0.111, 0.67, 0.014])
+
+
+def _prior_biased_run(folder, frames: dict[str, pd.DataFrame], seed: int) -> None:
+    """A run folder holding saved predictions from a model that leans towards common
+    classes (its scores carry the log class shares), and a split.csv with a training part."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for split, frame in frames.items():
+        y = pd.Series(frame["dx"]).map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+        z = rng.normal(size=(len(y), len(CLASSES))) + np.log(_HAM_SHARES)
+        z[np.arange(len(y)), y] += 2.0
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        name = "predictions.csv" if split == "test" else "predictions_val.csv"
+        prediction_table(frame, p, p.argmax(1)).to_csv(folder / name, index=False)
+    train = pd.DataFrame({"image_id": [f"T{i}" for i in range(1000)], "lesion_id": [f"TL{i}" for i in range(1000)],
+                          "dx": np.repeat(CLASSES, np.round(_HAM_SHARES * 1000).astype(int))[:1000], "split": "train"})
+    parts = [train] + [f[["image_id", "lesion_id", "dx"]].assign(split=s) for s, f in frames.items()]
+    pd.concat(parts).to_csv(folder / "split.csv", index=False)
+
+
+def test_logit_adjusted_ensemble_moves_labels_to_rare_classes_not_probabilities(tmp_path):
+    rng = np.random.default_rng(5)
+    frames = {}
+    for split, n in (("val", 3000), ("test", 3000)):
+        dx = rng.choice(CLASSES, n, p=_HAM_SHARES / _HAM_SHARES.sum())
+        frames[split] = pd.DataFrame({"image_id": [f"{split}{i}" for i in range(n)], "lesion_id": [f"{split}L{i}" for i in range(n)], "dx": dx})
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for seed, run in enumerate(runs):
+        _prior_biased_run(run, frames, seed)
+    plain = mean_runs(runs, tmp_path / "plain")
+    adjusted = mean_runs(runs, tmp_path / "adjusted", logit_adjust=0.3)
+
+    rec = adjusted["logit_adjust"]
+    counts = pd.read_csv(runs[0] / "split.csv").query("split == 'train'")["dx"].value_counts()
+    freq = np.array([counts[c] for c in CLASSES]) / counts.sum()
+    np.testing.assert_allclose(rec["train_class_frequency"], freq)
+    np.testing.assert_allclose(rec["offset"], -0.3 * np.log(freq))
+    assert rec["tau"] == 0.3 and "logit_adjust" not in plain
+    # the probabilities are the plain mean's, so AUC and ECE do not move ...
+    p0, p1 = (pd.read_csv(tmp_path / d / "predictions.csv") for d in ("plain", "adjusted"))
+    np.testing.assert_allclose(p1[list(CLASSES)].to_numpy(), p0[list(CLASSES)].to_numpy())
+    for key in ("macro_auc", "ece"):
+        assert adjusted["calibrated"][key] == pytest.approx(plain["calibrated"][key])
+    # ... while the labels are the argmax of log p + offset, which calls rare classes more often
+    y, probs = label_ids_of(p1["dx"]), p1[list(CLASSES)].to_numpy()
+    labels = decide(probs, None, np.array(rec["offset"]))
+    assert adjusted["calibrated"]["balanced_accuracy"] == pytest.approx(classification_metrics(y, probs, labels)["balanced_accuracy"])
+    assert adjusted["calibrated"]["balanced_accuracy"] > plain["calibrated"]["balanced_accuracy"] + 0.02
+    assert (labels != CLASSES.index("nv")).sum() > (probs.argmax(1) != CLASSES.index("nv")).sum()
+    thr = adjusted["mel_operating_point"]["threshold"]
+    assert list(p1["pred_dx"]) == [CLASSES[i] for i in decide(probs, thr, np.array(rec["offset"]))]
+
+    # a folder without split.csv cannot say which classes were rare in training
+    (runs[0] / "split.csv").unlink()
+    with pytest.raises(DataError, match=r"split.csv: missing"):
+        mean_runs(runs, tmp_path / "again", logit_adjust=0.3)
+
+
+def label_ids_of(dx: pd.Series) -> np.ndarray:
+    return dx.map({c: i for i, c in enumerate(CLASSES)}).to_numpy()

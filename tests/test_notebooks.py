@@ -75,7 +75,7 @@ def test_study_ensemble_is_the_backbone_runs_mean_and_predicts_like_them(report,
     import pandas as pd
 
     from skin_lesion.data import CLASSES
-    from skin_lesion.evaluate import Predictor, apply_temperature, ensemble_members
+    from skin_lesion.evaluate import STUDY_LOGIT_ADJUST, Predictor, apply_temperature, decide, ensemble_members
 
     runs = report.parent.parent / "runs"
     folder = runs / "smoke_ensemble"
@@ -89,6 +89,10 @@ def test_study_ensemble_is_the_backbone_runs_mean_and_predicts_like_them(report,
     mine = pd.read_csv(folder / "predictions.csv")
     theirs = [pd.read_csv(m / "predictions.csv").set_index("image_id").loc[mine["image_id"], list(CLASSES)].to_numpy() for m in members]
     np.testing.assert_allclose(mine[list(CLASSES)].to_numpy(), apply_temperature(np.mean(theirs, 0), metrics["temperature"]), atol=1e-6)
+    # the study's logit adjustment decides the labels (melanoma threshold first), not the probabilities
+    assert metrics["logit_adjust"]["tau"] == STUDY_LOGIT_ADJUST
+    offset, thr = np.array(metrics["logit_adjust"]["offset"]), metrics["mel_operating_point"]["threshold"]
+    assert list(mine["pred_dx"]) == [CLASSES[i] for i in decide(mine[list(CLASSES)].to_numpy(), thr, offset)]
     # predict scores a file the same way, each member at its own input size
     image = next(p for p in sorted((Path(study_data) / "images").iterdir()) if p.stem == mine["image_id"].iloc[0])
     p = Predictor(folder).probs_file(image)

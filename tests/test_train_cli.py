@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, cli
 from PIL import Image
 
 from skin_lesion.data import CLASSES
+from skin_lesion.evaluate import Predictor
 from skin_lesion.train import TrainConfig
 
 SMOKE = ("train", "--profile", "smoke", "--tta", "2")
@@ -93,7 +95,19 @@ def test_ensemble_averages_runs_and_predict_takes_its_folder(demo_run, demo_dir,
     image = sorted((demo_dir / "images").iterdir())[0]
     res = cli("predict", "--run", str(ens), "--json", str(image))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert len(json.loads(res.stdout)["predictions"][0]["top3"]) == 3
+    out = json.loads(res.stdout)["predictions"][0]
+    assert len(out["top3"]) == 3 and out["label"] == out["top3"][0]["dx"]  # no logit adjustment: the top class
+    # with a logit adjustment the probabilities stay the mean's; the label is the argmax of log p + offset
+    adj = tmp_path / "ens_adjusted"
+    res = cli("ensemble", str(demo_run), str(demo_run / "average"), "--logit-adjust", "2", "--out", str(adj))
+    assert res.returncode == 0 and "logit adjustment tau=2" in res.stdout, res.stderr[-2000:]
+    offset = np.array(json.loads((adj / "metrics.json").read_text())["logit_adjust"]["offset"])
+    res = cli("predict", "--run", str(adj), "--json", *map(str, sorted((demo_dir / "images").iterdir())[:4]))
+    assert res.returncode == 0, res.stderr[-2000:]
+    for out in json.loads(res.stdout)["predictions"]:
+        p = Predictor(ens).probs_file(out["image"])
+        assert [t["dx"] for t in out["top3"]] == [CLASSES[i] for i in np.argsort(-p)[:3]]
+        assert out["label"] == CLASSES[int(np.argmax(np.log(p) + offset))]
     # a member that has gone: one line naming it, no traceback
     metrics["ensemble"].append("../nowhere")
     (ens / "metrics.json").write_text(json.dumps(metrics))
