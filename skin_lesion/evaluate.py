@@ -470,11 +470,43 @@ def mean_runs(
     return score_predictions(out, None, val, p_val, test, p_test, None, target_mel_recall, "test", mel_confidence, extra=extra, logit_offset=offset)
 
 
+def logit_adjust_scan(ensembles: list[str | Path], taus: list[float] | np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validation balanced accuracy of mean ensembles (one per seed, say) under
+    logit adjustment ``tau``, from their saved ``predictions_val.csv`` (with
+    tau 0) and their first member's training class shares.
+
+    Returns the table (one row per tau, one column per ensemble, and ``mean``)
+    and a leave-one-out check: for each ensemble, the tau that is best on the
+    others' mean, and what it and tau = 0 score on the held-out one -- how a
+    tau chosen this way does on data it was not chosen on. Test is not read.
+    """
+    scores, taus = {}, [float(t) + 0.0 for t in taus]  # + 0.0: no -0.0 in the index
+    for folder in map(Path, ensembles):
+        val, probs = run_probabilities(folder, "val")
+        y = label_ids(val["dx"])
+        members = _member_folders(folder)
+        if not members:
+            raise DataError(f"{folder / 'metrics.json'}: not a mean ensemble (no members); pass `ensemble` output folders")
+        offset = -np.log(train_class_frequency(members[0]))
+        scores[str(folder)] = [mean_recall(y, decide(probs, None, tau * offset)) for tau in taus]
+    table = pd.DataFrame(scores, index=pd.Index(taus, name="tau"))
+    rows = []
+    for name in table.columns:
+        others = table.drop(columns=name).mean(axis=1)
+        tau = float(others.idxmax()) if len(table.columns) > 1 else float(table[name].idxmax())
+        rows.append(dict(held_out=name, tau=tau, balanced_accuracy=float(table.loc[tau, name]), at_tau_0=float(table[name].iloc[np.argmin(np.abs(taus))])))
+    return table.assign(mean=table.mean(axis=1)), pd.DataFrame(rows)
+
+
+def _member_folders(folder: Path) -> list[Path]:
+    """The member folders a mean ensemble's ``metrics.json`` lists, as they are recorded."""
+    return [folder / m for m in json.loads((folder / "metrics.json").read_text()).get("ensemble", [])]
+
+
 def ensemble_members(folder: str | Path) -> list[Path]:
     """The member runs of a mean ensemble's folder (``mean_runs``); [] for anything else."""
     folder = Path(folder)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    members = [folder / m for m in metrics.get("ensemble", [])]
+    members = _member_folders(folder)
     for m in members:
         if not (m / "model.keras").exists():
             raise DataError(f"{folder / 'metrics.json'}: its member run {m} has no model.keras; move the runs tree as a whole or rerun `ensemble`")

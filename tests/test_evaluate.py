@@ -17,6 +17,7 @@ from skin_lesion.evaluate import (
     fit_decision_layer,
     fit_temperature,
     lesion_bootstrap,
+    logit_adjust_scan,
     mean_runs,
     mel_threshold,
     metadata_features,
@@ -272,6 +273,27 @@ def test_logit_adjusted_ensemble_moves_labels_to_rare_classes_not_probabilities(
     (runs[0] / "split.csv").unlink()
     with pytest.raises(DataError, match=r"split.csv: missing"):
         mean_runs(runs, tmp_path / "again", logit_adjust=0.3)
+
+
+def test_logit_adjust_scan_scores_each_tau_and_holds_each_ensemble_out(tmp_path):
+    ensembles, plain = [], []
+    for k in range(3):
+        rng = np.random.default_rng(10 + k)
+        frames = {}
+        for split in ("val", "test"):
+            dx = rng.choice(CLASSES, 1000, p=_HAM_SHARES / _HAM_SHARES.sum())
+            frames[split] = pd.DataFrame({"image_id": [f"{split}{i}" for i in range(1000)], "lesion_id": [f"{split}L{i}" for i in range(1000)], "dx": dx})
+        _prior_biased_run(tmp_path / f"run{k}", frames, 20 + k)
+        ensembles.append(tmp_path / f"ens{k}")
+        plain.append(mean_runs([tmp_path / f"run{k}"], ensembles[-1]))
+    table, held_out = logit_adjust_scan(ensembles, [-0.0, 0.5, 1.0])
+    assert list(table.index) == [0.0, 0.5, 1.0] and list(table.columns) == [*map(str, ensembles), "mean"]
+    # tau 0 is each ensemble's own validation score; these scores lean to common classes, so tau > 0 wins
+    for k, folder in enumerate(ensembles):
+        assert table.loc[0.0, str(folder)] == pytest.approx(plain[k]["validation"]["balanced_accuracy"])
+    assert table["mean"].idxmax() > 0
+    assert list(held_out["held_out"]) == list(map(str, ensembles)) and (held_out["tau"] > 0).all()
+    assert (held_out["balanced_accuracy"] > held_out["at_tau_0"]).all()
 
 
 def label_ids_of(dx: pd.Series) -> np.ndarray:
