@@ -472,15 +472,15 @@ def mean_runs(
 
 def logit_adjust_scan(ensembles: list[str | Path], taus: list[float] | np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Validation balanced accuracy of mean ensembles (one per seed, say) under
-    logit adjustment ``tau``, from their saved ``predictions_val.csv`` (with
-    tau 0) and their first member's training class shares.
+    logit adjustment ``tau``, from their saved validation probabilities (which
+    no tau changes) and their first member's training class shares.
 
     Returns the table (one row per tau, one column per ensemble, and ``mean``)
     and a leave-one-out check: for each ensemble, the tau that is best on the
     others' mean, and what it and tau = 0 score on the held-out one -- how a
     tau chosen this way does on data it was not chosen on. Test is not read.
     """
-    scores, taus = {}, [float(t) + 0.0 for t in taus]  # + 0.0: no -0.0 in the index
+    scores, plain, taus = {}, {}, [float(t) + 0.0 for t in taus]  # + 0.0: no -0.0 in the index
     for folder in map(Path, ensembles):
         val, probs = run_probabilities(folder, "val")
         y = label_ids(val["dx"])
@@ -489,12 +489,13 @@ def logit_adjust_scan(ensembles: list[str | Path], taus: list[float] | np.ndarra
             raise DataError(f"{folder / 'metrics.json'}: not a mean ensemble (no members); pass `ensemble` output folders")
         offset = -np.log(train_class_frequency(members[0]))
         scores[str(folder)] = [mean_recall(y, decide(probs, None, tau * offset)) for tau in taus]
+        plain[str(folder)] = mean_recall(y, probs.argmax(1))
     table = pd.DataFrame(scores, index=pd.Index(taus, name="tau"))
     rows = []
     for name in table.columns:
-        others = table.drop(columns=name).mean(axis=1)
-        tau = float(others.idxmax()) if len(table.columns) > 1 else float(table[name].idxmax())
-        rows.append(dict(held_out=name, tau=tau, balanced_accuracy=float(table.loc[tau, name]), at_tau_0=float(table[name].iloc[np.argmin(np.abs(taus))])))
+        others = table.drop(columns=name).mean(axis=1) if len(table.columns) > 1 else table[name]
+        tau = float(others.idxmax())
+        rows.append(dict(held_out=name, tau=tau, balanced_accuracy=float(table.loc[tau, name]), at_tau_0=plain[name]))
     return table.assign(mean=table.mean(axis=1)), pd.DataFrame(rows)
 
 
