@@ -26,6 +26,7 @@ from skin_lesion.evaluate import (
     score_decision_layer,
     subgroup_table,
 )
+from skin_lesion.pipeline import label_ids
 
 
 def _onehot(pred: np.ndarray, conf: float = 0.9) -> np.ndarray:
@@ -225,7 +226,7 @@ def _prior_biased_run(folder, frames: dict[str, pd.DataFrame], seed: int) -> Non
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for split, frame in frames.items():
-        y = pd.Series(frame["dx"]).map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+        y = label_ids(frame["dx"])
         z = rng.normal(size=(len(y), len(CLASSES))) + np.log(_HAM_SHARES)
         z[np.arange(len(y)), y] += 2.0
         p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -261,7 +262,7 @@ def test_logit_adjusted_ensemble_moves_labels_to_rare_classes_not_probabilities(
     for key in ("macro_auc", "ece"):
         assert adjusted["calibrated"][key] == pytest.approx(plain["calibrated"][key])
     # ... while the labels are the argmax of log p + offset, which calls rare classes more often
-    y, probs = label_ids_of(p1["dx"]), p1[list(CLASSES)].to_numpy()
+    y, probs = label_ids(p1["dx"]), p1[list(CLASSES)].to_numpy()
     labels = decide(probs, None, np.array(rec["offset"]))
     assert adjusted["calibrated"]["balanced_accuracy"] == pytest.approx(classification_metrics(y, probs, labels)["balanced_accuracy"])
     assert adjusted["calibrated"]["balanced_accuracy"] > plain["calibrated"]["balanced_accuracy"] + 0.02
@@ -294,7 +295,3 @@ def test_logit_adjust_scan_scores_each_tau_and_holds_each_ensemble_out(tmp_path)
     assert table["mean"].idxmax() > 0
     assert list(held_out["held_out"]) == list(map(str, ensembles)) and (held_out["tau"] > 0).all()
     assert (held_out["balanced_accuracy"] > held_out["at_tau_0"]).all()
-
-
-def label_ids_of(dx: pd.Series) -> np.ndarray:
-    return dx.map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
