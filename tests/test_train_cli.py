@@ -204,8 +204,9 @@ def test_smoke_train_on_real_data(real_dir, tmp_path):
 
 def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     run = tmp_path / "resume"
-    # The square-root mix and weight averaging ride along: the mean must survive the kill too.
-    recipe = ["--imbalance", "sqrt", "--average-last", "3"]
+    # The square-root mix, weight averaging and label smoothing ride along: the mean
+    # must survive the kill too, and the checkpoint must reload with its custom loss.
+    recipe = ["--imbalance", "sqrt", "--average-last", "3", "--label-smoothing", "0.1"]
     args = [sys.executable, "-m", "skin_lesion", *SMOKE, "--model", "cnn", "--epochs", "6", *recipe, "--no-eval", "--data", str(demo_dir), "--run", str(run)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     history = run / "history.csv"
@@ -227,6 +228,11 @@ def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     assert [p.name for p in run.glob("checkpoint-epoch*.keras")] == ["checkpoint-epoch006.keras"]
     assert [p.name for p in run.glob("average-epoch*.npz")] == ["average-epoch006.npz"]  # the mean of epochs 4-6
     assert hist["val_balanced_accuracy_average"].notna().tolist() == [False] * 5 + [True]
+    assert TrainConfig.load(run / "config.json").label_smoothing == 0.1
+    import keras
+
+    loss = keras.models.load_model(run / "checkpoint-epoch006.keras", safe_mode=True).loss
+    assert type(loss).__name__ == "SmoothedSparseCrossentropy" and loss.label_smoothing == 0.1
 
 
 def test_kfold_cross_validation_writes_mean_and_sd(demo_dir, tmp_path):
@@ -260,6 +266,7 @@ def test_mirrored_strategy_on_two_logical_cpus_with_augmentation_in_the_model(de
         (("evaluate", "--run", "{tmp}/none"), "no trained model"),
         (("predict", "--run", "{tmp}/none", "x.jpg"), "no trained model"),
         (("train", "--data", "{tmp}/no-such-folder", "--run", "{tmp}/r"), "data folder not found"),
+        (("train", "--label-smoothing", "1.5", "--run", "{tmp}/r"), "label_smoothing must be in [0, 1)"),
     ],
 )
 def test_user_errors_are_one_line_and_nonzero(tmp_path, args, message):

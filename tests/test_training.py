@@ -1,4 +1,4 @@
-"""Training helpers on their own: weight averaging, exact and resumable."""
+"""Training helpers on their own: weight averaging, exact and resumable; the smoothed loss."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from skin_lesion.train import WeightAverage
+from skin_lesion.train import SmoothedSparseCrossentropy, WeightAverage, make_loss
 
 
 def _tiny_model() -> keras.Model:
@@ -41,3 +41,19 @@ def test_weight_average_is_the_mean_of_the_last_epochs_and_survives_a_restart(tm
         np.testing.assert_allclose(w, (2.0 + 6.0 + 10.0) / 3)
     for w in model.get_weights():  # the live model keeps its own last weights for the checkpoint
         np.testing.assert_allclose(w, 10.0)
+
+
+def test_smoothed_loss_is_cross_entropy_against_smoothed_targets():
+    labels = np.array([0, 3, 6, 2])
+    probs = np.random.default_rng(0).dirichlet(np.ones(7), size=4).astype("float32")
+    eps = 0.1
+    targets = np.eye(7)[labels] * (1 - eps) + eps / 7
+    expected = np.mean(-(targets * np.log(probs)).sum(1))
+    np.testing.assert_allclose(float(SmoothedSparseCrossentropy(eps)(labels, probs)), expected, rtol=1e-5)
+    # Smoothing rewards a less confident prediction of the right class than plain cross-entropy does.
+    sure, unsure = np.array([[0.999] + [0.001 / 6] * 6], "float32"), np.array([[0.9] + [0.1 / 6] * 6], "float32")
+    first = np.array([0])
+    smoothed, plain = SmoothedSparseCrossentropy(eps), keras.losses.SparseCategoricalCrossentropy()
+    assert float(smoothed(first, unsure)) < float(smoothed(first, sure))
+    assert float(plain(first, sure)) < float(plain(first, unsure))
+    assert make_loss(0.0) == "sparse_categorical_crossentropy"  # off: the exact loss of runs before the option
