@@ -1,4 +1,5 @@
-"""Would caching the frozen early blocks of EfficientNet-Lite0 pay on this machine?
+"""Would caching the frozen early blocks of EfficientNet-Lite pay on this machine,
+and what does a fine-tuning step of each Lite size cost here?
 
 The cpu profile fine-tunes Lite0 from ``block8_expand_conv`` up; the blocks
 below never change, yet every training step runs them forward. Caching their
@@ -15,7 +16,10 @@ This measures, at the profile's batch and input size, with untrained weights
 It prints the per-epoch speed-up and the number of epochs (each fed one of
 V cached views) that the cache needs to break even.
 
-    python bench/frozen_cache.py [--unfreeze-from block8_expand_conv] [--steps 10] [--policy mixed_bfloat16]
+    python bench/frozen_cache.py [--model efficientnet_lite1] [--unfreeze-from block8_expand_conv] [--steps 10] [--policy mixed_bfloat16]
+
+``--model`` picks the Lite size (default Lite0); ``--unfreeze-from`` defaults to
+where the ``cpu`` profile fine-tunes that size from (its fifth stage).
 
 ``--policy`` sets Keras' global dtype policy first: this machine's CPU (AMD
 EPYC with AVX512-BF16) might run bfloat16 convolutions faster than float32.
@@ -33,7 +37,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from skin_lesion.models import build_model, set_backbone_trainable  # noqa: E402
+from skin_lesion.models import LITE_NAMES, build_model, set_backbone_trainable  # noqa: E402
+from skin_lesion.train import UNFREEZE_FROM  # noqa: E402
 
 TRAIN_IMAGES = 7000  # about the training split of the lesion-grouped HAM10000 split
 
@@ -61,21 +66,23 @@ def split_at(model: keras.Model, layer_name: str) -> tuple[keras.Model, keras.Mo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--unfreeze-from", dest="unfreeze_from", default="block8_expand_conv")
+    ap.add_argument("--model", default="efficientnet_lite0", choices=LITE_NAMES)
+    ap.add_argument("--unfreeze-from", dest="unfreeze_from", help="default: where the cpu profile starts fine-tuning this model")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--policy", default="float32", help="Keras dtype policy, e.g. mixed_bfloat16")
     args = ap.parse_args()
+    args.unfreeze_from = args.unfreeze_from or UNFREEZE_FROM[args.model]
     keras.mixed_precision.set_global_policy(args.policy)
-    print(f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; EfficientNet-Lite0 {args.size}px, batch {args.batch}, "
+    print(f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; {args.model} {args.size}px, batch {args.batch}, "
           f"trainable from {args.unfreeze_from}, policy {args.policy}")
 
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 255, (args.batch, args.size, args.size, 3)).astype("float32"))
     labels = tf.constant(rng.integers(0, 7, args.batch))
 
-    model = build_model("efficientnet_lite0", args.size, weights="none")
+    model = build_model(args.model, args.size, weights="none")
     set_backbone_trainable(model, args.unfreeze_from)
     model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
     full = median_seconds(lambda: model.train_on_batch(images, labels), args.steps)

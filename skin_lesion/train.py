@@ -32,7 +32,7 @@ import pandas as pd
 import tensorflow as tf
 
 from skin_lesion.data import DataError, Dataset, fold_parts, load_dataset, make_split_table
-from skin_lesion.models import DEFAULT_SIZE, MODEL_NAMES, build_model, set_backbone_trainable
+from skin_lesion.models import DEFAULT_SIZE, LITE_NAMES, MODEL_NAMES, build_model, lite_stage_first_block, set_backbone_trainable
 from skin_lesion.pipeline import label_ids, make_pipeline, sampling_prior
 
 log = logging.getLogger("skin_lesion")
@@ -53,10 +53,12 @@ PROFILES: dict[str, dict] = {
 # mean of the last five epochs' weights kept as a second model beside the best
 # epoch, both chosen on validation (README, "The square-root class mix" and
 # "Two resolutions and a weight average"); smoke runs the same path in miniature.
+# The larger Lite sizes take Lite0's recipe unchanged, so that a comparison
+# between sizes is about the backbone alone.
 MODEL_PROFILES: dict[tuple[str, str], dict] = {
     ("cnn", "cpu"): dict(image_size=64, epochs=10, batch_size=32),
-    ("efficientnet_lite0", "cpu"): dict(imbalance="sqrt", average_last=5),
-    ("efficientnet_lite0", "smoke"): dict(imbalance="sqrt", average_last=1),
+    **{(name, "cpu"): dict(imbalance="sqrt", average_last=5) for name in LITE_NAMES},
+    **{(name, "smoke"): dict(imbalance="sqrt", average_last=1) for name in LITE_NAMES},
 }
 # The study's second, lower-resolution run of EfficientNet-Lite0 per profile, a
 # member of the study's mean ensemble beside the first (none on gpu: not measured).
@@ -65,8 +67,10 @@ COMPANION_SIZE: dict[str, int] = {"smoke": 48, "cpu": 160}
 # the model's first layer (on the accelerator; the pipeline then only decodes,
 # caches and batches). README, "Benchmarks", has what each costs.
 AUGMENT_ON: tuple[str, ...] = ("pipeline", "model")
-# Where fine-tuning starts, per model (the layer name), unless the config says otherwise.
-UNFREEZE_FROM: dict[str, str | None] = {"cnn": "all", "resnet50": "conv4_block1_1_conv", "efficientnet_lite0": "block8_expand_conv"}
+# Where fine-tuning starts, per model (the layer name), unless the config says
+# otherwise. Every Lite size fine-tunes from its fifth stage (the 112-channel
+# one at width 1.0) up: block8 in Lite0, block11 in Lite1 and Lite2.
+UNFREEZE_FROM: dict[str, str | None] = {"cnn": "all", "resnet50": "conv4_block1_1_conv", **{name: lite_stage_first_block(name, 4) for name in LITE_NAMES}}
 
 
 # Values for keys no profile sets; also what a config.json written before these
@@ -515,7 +519,7 @@ def study_runs(profile: str, pretrained: str) -> dict[str, dict]:
     models and that combination won on validation over three seeds (README,
     "Two resolutions and a weight average" and "The mean ensemble")."""
     runs = {f"{profile}_cnn": dict(model="cnn"), f"{profile}_{pretrained}": dict(model=pretrained)}
-    if pretrained == "efficientnet_lite0" and profile in COMPANION_SIZE:
+    if pretrained in LITE_NAMES and profile in COMPANION_SIZE:
         size = COMPANION_SIZE[profile]
         runs[f"{profile}_{pretrained}_{size}"] = dict(model=pretrained, image_size=size, imbalance="oversample", average_last=0)
     return runs

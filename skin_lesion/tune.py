@@ -21,14 +21,15 @@ import keras_tuner as kt
 import pandas as pd
 
 from skin_lesion.data import load_dataset
-from skin_lesion.models import build_model, set_backbone_trainable
+from skin_lesion.models import LITE_NAMES, build_model, lite_stage_first_block, set_backbone_trainable
 from skin_lesion.pipeline import label_ids, make_pipeline
 from skin_lesion.train import BalancedAccuracy, TrainConfig, compile_model, prepare_split
 
 log = logging.getLogger("skin_lesion")
-# Where fine-tuning may start, per model: shallow to deep.
+# Where fine-tuning may start, per model: shallow to deep (for the Lite sizes, the
+# first block of their last, sixth and fifth stage: block15, 11, 8 in Lite0).
 UNFREEZE_CHOICES: dict[str, list[str]] = {
-    "efficientnet_lite0": ["block15_expand_conv", "block11_expand_conv", "block8_expand_conv"],
+    **{name: [lite_stage_first_block(name, stage) for stage in (6, 5, 4)] for name in LITE_NAMES},
     "resnet50": ["conv5_block1_1_conv", "conv4_block1_1_conv"],
     "cnn": ["all"],
 }
