@@ -341,8 +341,9 @@ def test_study_runs_the_cpu_study_trains_lite0_at_two_resolutions(tmp_path):
     runs = study_runs("cpu", "efficientnet_lite0")
     assert list(runs) == ["cpu_cnn", "cpu_efficientnet_lite0", "cpu_efficientnet_lite0_160"]
     main, second = (TrainConfig(**runs[n], profile="cpu").resolved() for n in list(runs)[1:])
-    assert (main.image_size, main.imbalance, main.average_last) == (224, "sqrt", 5)
-    assert (second.image_size, second.imbalance, second.average_last) == (160, "oversample", 0)
+    assert (main.image_size, main.imbalance, main.average_last, main.label_smoothing) == (224, "sqrt", 5, 0.1)
+    assert (second.image_size, second.imbalance, second.average_last, second.label_smoothing) == (160, "oversample", 0, 0.0)
+    assert TrainConfig(**study_runs("gpu", "efficientnet_lite0")["gpu_efficientnet_lite0"], profile="gpu").resolved().label_smoothing == 0.0
     assert list(study_runs("gpu", "efficientnet_lite0")) == ["gpu_cnn", "gpu_efficientnet_lite0"]
     assert list(study_runs("cpu", "resnet50")) == ["cpu_cnn", "cpu_resnet50"]
     for folder in ("cpu_cnn", "cpu_efficientnet_lite0", "cpu_efficientnet_lite0/average", "cpu_efficientnet_lite0_160", "cpu_other"):
@@ -350,3 +351,23 @@ def test_study_runs_the_cpu_study_trains_lite0_at_two_resolutions(tmp_path):
         (tmp_path / folder / "model.keras").write_bytes(b"")
     found = [str(p.relative_to(tmp_path)) for p in study_run_dirs(tmp_path, "cpu")]
     assert found == ["cpu_cnn", "cpu_efficientnet_lite0", "cpu_efficientnet_lite0/average", "cpu_efficientnet_lite0_160"]
+
+
+def test_train_or_resume_refuses_a_run_trained_with_another_config(tmp_path):
+    """A study rerun must not silently reuse a run from before the study changed
+    (here: the 224 px member before label smoothing): the error names the field."""
+    from dataclasses import asdict
+
+    from skin_lesion.data import DataError
+    from skin_lesion.train import TrainConfig, train_or_resume
+
+    run = tmp_path / "cpu_efficientnet_lite0"
+    run.mkdir()
+    old = TrainConfig(model="efficientnet_lite0", profile="cpu", run=str(run)).resolved()
+    (run / "config.json").write_text(json.dumps(asdict(old)))
+    (run / "state.json").write_text(json.dumps({"epochs_done": old.epochs, "checkpoint": None, "best_score": 0.7, "best_epoch": 3, "history": []}))
+    wanted = TrainConfig(model="efficientnet_lite0", profile="cpu", run=str(run), label_smoothing=0.1)
+    with pytest.raises(DataError, match=r"cpu_efficientnet_lite0: holds a run trained with label_smoothing 0\.0 \(wanted 0\.1\); move that folder away"):
+        train_or_resume(wanted)
+    # the same config (the data may have moved) is reused as it is, without training
+    assert train_or_resume(TrainConfig(model="efficientnet_lite0", profile="cpu", run=str(run), data="/elsewhere")) == run
