@@ -526,7 +526,7 @@ def study_runs(profile: str, pretrained: str) -> dict[str, dict]:
     and a weight average", "The mean ensemble" and "Label smoothing")."""
     runs = {f"{profile}_cnn": dict(model="cnn"), f"{profile}_{pretrained}": dict(model=pretrained)}
     if pretrained in LITE_NAMES and profile in COMPANION_SIZE:
-        runs[f"{profile}_{pretrained}"]["label_smoothing"] = STUDY_LABEL_SMOOTHING[profile]
+        runs[f"{profile}_{pretrained}"]["label_smoothing"] = STUDY_LABEL_SMOOTHING.get(profile, 0.0)
         size = COMPANION_SIZE[profile]
         runs[f"{profile}_{pretrained}_{size}"] = dict(model=pretrained, image_size=size, imbalance="oversample", average_last=0)
     return runs
@@ -564,8 +564,9 @@ def train_or_resume(cfg: TrainConfig, verbose: int | str = "auto") -> Path:
     run = Path(cfg.run)
     if not (run / "config.json").exists():
         return train(cfg, verbose=verbose)
-    check_same_config(TrainConfig.load(run / "config.json").resolved(), cfg.resolved(), run)
-    if completed_epochs(run) < TrainConfig.load(run / "config.json").epochs:
+    saved = TrainConfig.load(run / "config.json").resolved()
+    check_same_config(saved, cfg.resolved(), run)
+    if completed_epochs(run) < saved.epochs:
         return train(cfg, resume=True, verbose=verbose)
     log.info("Run %s is complete: reusing it", run)
     return run

@@ -359,7 +359,7 @@ def test_train_or_resume_refuses_a_run_trained_with_another_config(tmp_path):
     from dataclasses import asdict
 
     from skin_lesion.data import DataError
-    from skin_lesion.train import TrainConfig, train_or_resume
+    from skin_lesion.train import train_or_resume
 
     run = tmp_path / "cpu_efficientnet_lite0"
     run.mkdir()
