@@ -16,13 +16,16 @@ This measures, at the profile's batch and input size, with untrained weights
 It prints the per-epoch speed-up and the number of epochs (each fed one of
 V cached views) that the cache needs to break even.
 
-    python bench/frozen_cache.py [--model efficientnet_lite1] [--unfreeze-from block8_expand_conv] [--steps 10] [--policy mixed_bfloat16]
+    python bench/frozen_cache.py [--model efficientnet_lite1] [--unfreeze-from block8_expand_conv] [--steps 10] [--policy mixed_bfloat16] [--label-smoothing 0.1]
 
 ``--model`` picks the Lite size (default Lite0); ``--unfreeze-from`` defaults to
 where the ``cpu`` profile fine-tunes that size from (its fifth stage).
 
 ``--policy`` sets Keras' global dtype policy first: this machine's CPU (AMD
 EPYC with AVX512-BF16) might run bfloat16 convolutions faster than float32.
+
+``--label-smoothing`` trains the full step with the study's smoothed loss
+(``make_loss``), to time what smoothing adds to a step on the same machine.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from skin_lesion.models import LITE_NAMES, build_model, set_backbone_trainable  # noqa: E402
-from skin_lesion.train import UNFREEZE_FROM  # noqa: E402
+from skin_lesion.train import UNFREEZE_FROM, make_loss  # noqa: E402
 
 TRAIN_IMAGES = 7000  # about the training split of the lesion-grouped HAM10000 split
 
@@ -72,11 +75,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--policy", default="float32", help="Keras dtype policy, e.g. mixed_bfloat16")
+    ap.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0, help="the full step's loss: smoothed by EPS (0 = plain)")
     args = ap.parse_args()
     args.unfreeze_from = args.unfreeze_from or UNFREEZE_FROM[args.model]
     keras.mixed_precision.set_global_policy(args.policy)
     print(f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}; {args.model} {args.size}px, batch {args.batch}, "
-          f"trainable from {args.unfreeze_from}, policy {args.policy}")
+          f"trainable from {args.unfreeze_from}, policy {args.policy}, label smoothing {args.label_smoothing}")
 
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 255, (args.batch, args.size, args.size, 3)).astype("float32"))
@@ -84,7 +88,7 @@ def main() -> None:
 
     model = build_model(args.model, args.size, weights="none")
     set_backbone_trainable(model, args.unfreeze_from)
-    model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy")
+    model.compile(keras.optimizers.Adam(1e-4), make_loss(args.label_smoothing))
     full = median_seconds(lambda: model.train_on_batch(images, labels), args.steps)
 
     bottom, top = split_at(model, args.unfreeze_from)
