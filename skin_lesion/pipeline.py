@@ -61,9 +61,15 @@ class LesionAugment(keras.layers.Layer):
         self.strength, self.seed = float(strength), seed
         self.supports_jit = False
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self._batch_seed, self._draws = None, 0
 
     def _uniform(self, n, low: float, high: float):
-        return keras.random.uniform((n,), low, high, seed=self.seed_generator)
+        if self._batch_seed is None:  # inside a model: one train step at a time, so a stateful generator is ordered
+            return keras.random.uniform((n,), low, high, seed=self.seed_generator)
+        # in tf.data: stateless draws keyed by (batch seed, draw number), independent of thread timing
+        self._draws += 1
+        seed = tf.random.experimental.stateless_fold_in(self._batch_seed, self._draws)
+        return tf.random.stateless_uniform((n,), seed, low, high)
 
     def _geometry(self, images):
         """One affine transform per image: output pixel -> input pixel."""
@@ -98,10 +104,17 @@ class LesionAugment(keras.layers.Layer):
         brightness = ops.reshape(self._uniform(n, -0.1 * s, 0.1 * s) * 255, (-1, 1, 1, 1))
         return ops.clip((x - mean) * contrast + mean + brightness, 0, 255)
 
-    def call(self, images, training=True):
+    def call(self, images, training=True, batch_seed=None):
+        """``batch_seed`` (tf.data only): an int64 tensor of shape (2,) that fixes
+        this batch's draws, so a pipeline's augmentation depends on the batch's
+        position in the stream and not on which thread ran first."""
         if not training or self.strength <= 0:
             return images
-        return self._colour(self._geometry(keras.ops.cast(images, self.compute_dtype)))
+        self._batch_seed, self._draws = batch_seed, 0
+        try:
+            return self._colour(self._geometry(keras.ops.cast(images, self.compute_dtype)))
+        finally:
+            self._batch_seed = None
 
     def get_config(self):
         return {**super().get_config(), "strength": self.strength, "seed": self.seed}
@@ -190,7 +203,8 @@ def make_pipeline(
     to the square root of each class's count (rare images repeat less; the
     model undoes the skew at inference, see ``models.PriorShift``), ``undersample`` keeps a random balanced subset,
     ``class_weight`` returns balanced weights for ``fit``. Evaluation
-    pipelines keep the row order and are deterministic.
+    pipelines keep the row order and are deterministic; training pipelines
+    give the same batches for the same ``seed``, however busy the machine.
     """
     if imbalance not in IMBALANCE_METHODS:
         raise DataError(f"unknown imbalance method {imbalance!r}; choose one of {', '.join(IMBALANCE_METHODS)}")
@@ -221,7 +235,15 @@ def make_pipeline(
     ds = ds.batch(batch_size, drop_remainder=False)
     if training and augment:
         aug = make_augmenter(float(augment), seed)
-        ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=AUTOTUNE)
+        # Each batch's draws are keyed by (seed, its index in the stream). A shared
+        # generator handed them out in thread-timing order (parallel calls, and how
+        # far the pipeline ran ahead before a new phase's iterator), so runs under
+        # load did not reproduce. A new iterator restarts the index as it restarts
+        # the sampling, so each phase sees the same stream every time.
+        ds = ds.enumerate().map(
+            lambda i, xy: (aug(xy[0], training=True, batch_seed=tf.stack([tf.constant(seed, tf.int64), i])), xy[1]),
+            num_parallel_calls=AUTOTUNE,
+        )
     return Pipeline(ds.prefetch(AUTOTUNE), steps, weights, len(frame))
 
 

@@ -68,6 +68,7 @@ COMPANION_SIZE: dict[str, int] = {"smoke": 48, "cpu": 160}
 # over seeds 0-2 (README, "The mean ensemble with the smoothed member"). smoke
 # mirrors cpu so the tests train the same kind of study.
 STUDY_LABEL_SMOOTHING: dict[str, float] = {"smoke": 0.1, "cpu": 0.1}
+PHASE_SEED_STRIDE = 1000  # phase k trains on the pipeline seeded cfg.seed + 1000 k (see train)
 # Where augmentation runs: in tf.data (overlapping the train step on the CPU) or as
 # the model's first layer (on the accelerator; the pipeline then only decodes,
 # caches and batches). README, "Benchmarks", has what each costs.
@@ -362,16 +363,19 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     parts = {name: meta[meta["split"] == name] for name in ("train", "val")}
     size = (cfg.image_size, cfg.image_size)
     in_pipeline = cfg.augment if (cfg.augment_on or "pipeline") == "pipeline" else False  # runs from before augment_on: tf.data
-    train_pipe = make_pipeline(parts["train"], size, cfg.batch_size, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed)
     val_pipe = make_pipeline(parts["val"], size, cfg.batch_size)
     val_labels = label_ids(parts["val"]["dx"])
     prior = sampling_prior(label_ids(parts["train"]["dx"]), cfg.imbalance)
     log.info("Run %s: %s on %s; %d train / %d val images (%s)", run, cfg.model, ds.label, len(parts["train"]), len(parts["val"]), cfg.imbalance)
 
     done = completed_epochs(run)
-    for name, start, end, lr, unfreeze in phases(cfg):
+    for k, (name, start, end, lr, unfreeze) in enumerate(phases(cfg)):
         if done >= end:
             continue
+        # A fresh pipeline per phase, seeded by the phase: a dataset's shuffles reseed
+        # from state its earlier iterators advanced, as far as they ran ahead (thread
+        # timing), so a second iterator over one dataset would not reproduce.
+        train_pipe = make_pipeline(parts["train"], size, cfg.batch_size, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed + PHASE_SEED_STRIDE * k)
         with strategy.scope():
             checkpoint = run_state(run)["checkpoint"]
             if done > start and checkpoint:

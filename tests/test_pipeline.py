@@ -35,6 +35,29 @@ def test_training_augmentation_changes_images_but_not_shapes(meta):
     assert aug.shape == plain.shape and aug.dtype == np.float32 and not np.allclose(aug, plain)
 
 
+def test_augmented_training_batches_do_not_depend_on_thread_timing(meta):
+    """Augmentation once drew from one shared seeded generator: tf.data handed its
+    draws to batches in thread-timing order (parallel calls, and how far the
+    pipeline ran ahead before the next phase's iterator), so runs trained beside
+    other work did not reproduce. Each batch's draws now depend on its seed and
+    position only. (A second iterator over one dataset still reshuffles from
+    state the first advanced as far as it ran ahead, so ``train`` builds a
+    fresh pipeline for each phase.)"""
+    frame = meta.head(64)
+
+    def batches(pipe, n=80):
+        return [x.numpy() for x, _ in pipe.dataset.take(n)]  # a fast consumer: the map runs as far ahead as it may
+
+    def build(seed=3):
+        return make_pipeline(frame, (48, 48), 4, training=True, imbalance="oversample", augment=1.0, seed=seed)
+
+    for _ in range(3):
+        first, second = batches(build()), batches(build())
+        assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert not np.allclose(first[0], first[1])  # batches still differ from each other
+    assert not np.allclose(batches(build(seed=4), 1)[0], first[0])  # and with the seed
+
+
 def test_augmentation_inside_a_model_trains_randomly_and_predicts_deterministically(meta):
     """augment_on=model: the layer is active in the train step only, and tells Keras
     it cannot be XLA-compiled (so jit_compile="auto" falls back on a GPU)."""
