@@ -12,6 +12,7 @@ the bytes.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -61,26 +62,31 @@ class LesionAugment(keras.layers.Layer):
         self.strength, self.seed = float(strength), seed
         self.supports_jit = False
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self._batch_seed, self._draws = None, 0
 
-    def _uniform(self, n, low: float, high: float):
-        if self._batch_seed is None:  # inside a model: one train step at a time, so a stateful generator is ordered
-            return keras.random.uniform((n,), low, high, seed=self.seed_generator)
-        # in tf.data: stateless draws keyed by (batch seed, draw number), independent of thread timing
-        self._draws += 1
-        seed = tf.random.experimental.stateless_fold_in(self._batch_seed, self._draws)
-        return tf.random.stateless_uniform((n,), seed, low, high)
+    def _sampler(self, batch_seed):
+        """``uniform(n, low, high)`` for one call. Inside a model (no ``batch_seed``)
+        train steps run one at a time, so the layer's stateful generator is drawn in
+        order; in tf.data the k-th draw is keyed by (``batch_seed``, k), so it does
+        not depend on which thread ran first."""
+        if batch_seed is None:
+            return lambda n, low, high: keras.random.uniform((n,), low, high, seed=self.seed_generator)
+        draws = itertools.count(1)
 
-    def _geometry(self, images):
+        def uniform(n, low: float, high: float):
+            return tf.random.stateless_uniform((n,), tf.random.experimental.stateless_fold_in(batch_seed, next(draws)), low, high)
+
+        return uniform
+
+    def _geometry(self, images, uniform):
         """One affine transform per image: output pixel -> input pixel."""
         ops, s = keras.ops, self.strength
         shape = ops.shape(images)
         n, h, w = shape[0], ops.cast(shape[1], "float32"), ops.cast(shape[2], "float32")
-        theta = self._uniform(n, -math.pi * s, math.pi * s)
-        scale = self._uniform(n, 1 - 0.1 * s, 1 + 0.25 * s)
-        fx = ops.where(self._uniform(n, 0, 1) < 0.5, -1.0, 1.0)
-        fy = ops.where(self._uniform(n, 0, 1) < 0.5, -1.0, 1.0)
-        tx, ty = self._uniform(n, -0.08 * s, 0.08 * s) * w, self._uniform(n, -0.08 * s, 0.08 * s) * h
+        theta = uniform(n, -math.pi * s, math.pi * s)
+        scale = uniform(n, 1 - 0.1 * s, 1 + 0.25 * s)
+        fx = ops.where(uniform(n, 0, 1) < 0.5, -1.0, 1.0)
+        fy = ops.where(uniform(n, 0, 1) < 0.5, -1.0, 1.0)
+        tx, ty = uniform(n, -0.08 * s, 0.08 * s) * w, uniform(n, -0.08 * s, 0.08 * s) * h
         cos, sin = ops.cos(theta) / scale, ops.sin(theta) / scale
         a00, a01, a10, a11 = cos * fx, -sin * fy, sin * fx, cos * fy
         cx, cy = (w - 1) / 2, (h - 1) / 2
@@ -88,11 +94,11 @@ class LesionAugment(keras.layers.Layer):
         transform = ops.stack([a00, a01, cx + tx - a00 * cx - a01 * cy, a10, a11, cy + ty - a10 * cx - a11 * cy, zeros, zeros], axis=1)
         return ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="reflect")
 
-    def _colour(self, x):
+    def _colour(self, x, uniform):
         """Hue rotation, then contrast about each image's mean, then brightness."""
         ops, s = keras.ops, self.strength
         n = ops.shape(x)[0]
-        hue = self._uniform(n, -0.1 * math.pi * s, 0.1 * math.pi * s)
+        hue = uniform(n, -0.1 * math.pi * s, 0.1 * math.pi * s)
         c, si = ops.cos(hue), ops.sin(hue)
         one, zero = ops.ones_like(c), ops.zeros_like(c)
         rot = ops.stack([ops.stack([one, zero, zero], -1), ops.stack([zero, c, -si], -1), ops.stack([zero, si, c], -1)], 1)
@@ -100,8 +106,8 @@ class LesionAugment(keras.layers.Layer):
         from_yiq = ops.convert_to_tensor(np.linalg.inv(_RGB2YIQ).astype("float32"))
         x = ops.einsum("bhwc,bdc->bhwd", x, ops.einsum("ij,bjk,kl->bil", from_yiq, rot, to_yiq))
         mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
-        contrast = ops.reshape(self._uniform(n, 1 - 0.15 * s, 1 + 0.15 * s), (-1, 1, 1, 1))
-        brightness = ops.reshape(self._uniform(n, -0.1 * s, 0.1 * s) * 255, (-1, 1, 1, 1))
+        contrast = ops.reshape(uniform(n, 1 - 0.15 * s, 1 + 0.15 * s), (-1, 1, 1, 1))
+        brightness = ops.reshape(uniform(n, -0.1 * s, 0.1 * s) * 255, (-1, 1, 1, 1))
         return ops.clip((x - mean) * contrast + mean + brightness, 0, 255)
 
     def call(self, images, training=True, batch_seed=None):
@@ -110,11 +116,8 @@ class LesionAugment(keras.layers.Layer):
         position in the stream and not on which thread ran first."""
         if not training or self.strength <= 0:
             return images
-        self._batch_seed, self._draws = batch_seed, 0
-        try:
-            return self._colour(self._geometry(keras.ops.cast(images, self.compute_dtype)))
-        finally:
-            self._batch_seed = None
+        uniform = self._sampler(batch_seed)
+        return self._colour(self._geometry(keras.ops.cast(images, self.compute_dtype), uniform), uniform)
 
     def get_config(self):
         return {**super().get_config(), "strength": self.strength, "seed": self.seed}
@@ -235,11 +238,10 @@ def make_pipeline(
     ds = ds.batch(batch_size, drop_remainder=False)
     if training and augment:
         aug = make_augmenter(float(augment), seed)
-        # Each batch's draws are keyed by (seed, its index in the stream). A shared
-        # generator handed them out in thread-timing order (parallel calls, and how
-        # far the pipeline ran ahead before a new phase's iterator), so runs under
-        # load did not reproduce. A new iterator restarts the index as it restarts
-        # the sampling, so each phase sees the same stream every time.
+        # Each batch's draws are keyed by (seed, its index in the stream): a shared
+        # generator handed them out in thread-timing order under parallel calls, so
+        # runs under load did not reproduce. (A second iterator over this dataset
+        # still reshuffles from state the first advanced; train builds one per phase.)
         ds = ds.enumerate().map(
             lambda i, xy: (aug(xy[0], training=True, batch_seed=tf.stack([tf.constant(seed, tf.int64), i])), xy[1]),
             num_parallel_calls=AUTOTUNE,
