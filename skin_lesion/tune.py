@@ -57,7 +57,7 @@ class LesionHyperModel(kt.HyperModel):
         val_rows = self.meta[self.meta["split"] == "val"]
         val = make_pipeline(val_rows, size, self.cfg.batch_size)
         callbacks = [BalancedAccuracy(val.dataset, label_ids(val_rows["dx"])), *kwargs.pop("callbacks", [])]
-        return model.fit(train.dataset, steps_per_epoch=train.steps, validation_data=val.dataset, class_weight=train.class_weight, callbacks=callbacks, **kwargs)
+        return model.fit(train.dataset, steps_per_epoch=train.steps, class_weight=train.class_weight, callbacks=callbacks, **kwargs)
 
 
 def tune(run: str | Path, data: str | None = None, trials: int = 6, epochs: int = 3, model: str = "efficientnet_lite0", max_per_class: int | None = None, seed: int = 0) -> Path:

@@ -38,7 +38,11 @@ def demo_run(demo_dir, tmp_path_factory) -> Path:
 def _check_run_folder(run: Path, epochs: int):
     for name in ("config.json", "split.csv", "history.csv", "state.json", "model.keras", "metrics.json", "predictions.csv"):
         assert (run / name).exists(), name
-    assert len(pd.read_csv(run / "history.csv")) == epochs
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == epochs
+    # One validation pass an epoch fills the columns Keras' own pass used to, and each epoch records its cost.
+    assert {"val_loss", "val_accuracy", "val_balanced_accuracy", "epoch_seconds"} <= set(history.columns)
+    assert history["val_loss"].gt(0).all() and history["epoch_seconds"].gt(0).all()
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "ece", "confusion_matrix", "per_class"):
         assert key in metrics["calibrated"]

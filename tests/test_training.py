@@ -1,12 +1,15 @@
-"""Training helpers on their own: weight averaging, exact and resumable; the smoothed loss."""
+"""Training helpers on their own: weight averaging, exact and resumable; the smoothed loss;
+the one validation pass per epoch."""
 
 from __future__ import annotations
+
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from skin_lesion.train import SmoothedSparseCrossentropy, WeightAverage, make_loss
+from skin_lesion.train import BalancedAccuracy, EpochSeconds, SmoothedSparseCrossentropy, WeightAverage, compile_model, make_loss
 
 
 def _tiny_model() -> keras.Model:
@@ -57,3 +60,32 @@ def test_smoothed_loss_is_cross_entropy_against_smoothed_targets():
     assert float(smoothed(first, unsure)) < float(smoothed(first, sure))
     assert float(plain(first, sure)) < float(plain(first, unsure))
     assert make_loss(0.0) == "sparse_categorical_crossentropy"  # off: the exact loss of runs before the option
+
+
+def test_one_validation_pass_gives_what_evaluate_gives():
+    """``fit`` runs without ``validation_data``; the callback's single pass must
+    report the loss and accuracy Keras' own pass would have, for either loss."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype("float32")
+    labels = rng.integers(0, 2, size=40)
+    val = tf.data.Dataset.from_tensor_slices(x).batch(16)  # a ragged last batch, as validation has
+    for smoothing in (0.0, 0.1):
+        model = _tiny_model()
+        compile_model(model, 1e-3, smoothing)
+        logs = {}
+        callback = BalancedAccuracy(val, labels)
+        callback.set_model(model)
+        callback.on_epoch_end(0, logs)
+        loss, accuracy = model.evaluate(tf.data.Dataset.from_tensor_slices((x, labels)).batch(16), verbose=0)
+        np.testing.assert_allclose(logs["val_loss"], loss, rtol=1e-5)
+        np.testing.assert_allclose(logs["val_accuracy"], accuracy, rtol=1e-6)
+        pred = model.predict(x, verbose=0).argmax(1)
+        assert logs["val_balanced_accuracy"] == np.mean([np.mean(pred[labels == c] == c) for c in (0, 1)])
+
+
+def test_epoch_seconds_times_the_epoch_to_its_end():
+    timer, logs = EpochSeconds(), {}
+    timer.on_epoch_begin(0)
+    time.sleep(0.2)
+    timer.on_epoch_end(0, logs)
+    assert 0.2 <= logs["epoch_seconds"] < 5
