@@ -185,6 +185,8 @@ def _summarize_cmd(args) -> int:
     if "mean" in table.index:
         n = len(table) - 2
         print("mean ± sd over", n, "runs: " + ", ".join(f"{k} {table.loc['mean', k]:.3f} ± {table.loc['sd', k]:.3f}" for k in ("balanced_accuracy", "macro_auc", "op_mel_recall")))
+        if table["train_minutes"].notna().all():
+            print(f"minutes of training epochs: {table.loc['mean', 'train_minutes']:.1f} ± {table.loc['sd', 'train_minutes']:.1f}")
     if args.csv:
         table.to_csv(args.csv)
     return 0

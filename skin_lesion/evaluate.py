@@ -516,14 +516,41 @@ def ensemble_members(folder: str | Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- spread over seeds and folds
 
-SUMMARY_COLUMNS: tuple[str, ...] = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "mel_recall", "ece", "op_mel_recall", "op_mel_specificity")
+SUMMARY_COLUMNS: tuple[str, ...] = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auc", "mel_recall", "ece", "op_mel_recall", "op_mel_specificity", "train_minutes")
+
+
+def _training_run(run: Path) -> Path:
+    """The run whose epochs produced ``run``: itself, or for a weight average
+    (``RUN/average``, which has no history of its own) the run that wrote it."""
+    if not (run / "history.csv").exists() and run.name == AVERAGE_DIR and (run.parent / "history.csv").exists():
+        return run.parent
+    return run
+
+
+def training_minutes(run: str | Path) -> float:
+    """Minutes of training epochs (validation passes included) behind ``run``:
+    the sum of its ``history.csv``'s ``epoch_seconds``; for a mean ensemble, the
+    sum over its distinct training runs (a weight average adds nothing to its
+    run's). NaN where any of them predates that record (runs before 2026-12-03)
+    or has no history (a decision layer, a resized copy)."""
+    run = Path(run)
+    members = _member_folders(run) if (run / "metrics.json").exists() else []
+    total = 0.0
+    for trained in {_training_run(m).resolve() for m in members} or {_training_run(run)}:
+        history = trained / "history.csv"
+        columns = pd.read_csv(history) if history.exists() else pd.DataFrame()
+        if "epoch_seconds" not in columns or columns["epoch_seconds"].isna().any():
+            return float("nan")
+        total += float(columns["epoch_seconds"].sum())
+    return total / 60
 
 
 def summarize_runs(runs: list[str | Path]) -> pd.DataFrame:
     """Headline test metrics of evaluated runs (or ``stack`` outputs), one row
     each, then ``mean`` and ``sd`` rows: the spread over seeds, splits or folds.
 
-    Calibrated argmax metrics, and the melanoma operating point (``op_``).
+    Calibrated argmax metrics, the melanoma operating point (``op_``), and the
+    minutes of training epochs behind each (``train_minutes``, see ``training_minutes``).
     """
     rows = {}
     for run in map(Path, runs):
@@ -533,12 +560,15 @@ def summarize_runs(runs: list[str | Path]) -> pd.DataFrame:
         m = json.loads(path.read_text())
         c, op = m["calibrated"], m.get("mel_operating_point", {})
         row = {k: c.get(k) for k in SUMMARY_COLUMNS[:6]}
-        row.update(op_mel_recall=op.get("mel_recall"), op_mel_specificity=op.get("mel_specificity"))
+        row.update(op_mel_recall=op.get("mel_recall"), op_mel_specificity=op.get("mel_specificity"), train_minutes=training_minutes(run))
         rows[str(run)] = row
     table = pd.DataFrame.from_dict(rows, orient="index", columns=list(SUMMARY_COLUMNS)).astype(float)
     if len(table) > 1:
-        table.loc["mean"] = table.iloc[: len(rows)].mean()
-        table.loc["sd"] = table.iloc[: len(rows)].std(ddof=1)
+        runs_only = table.iloc[: len(rows)]
+        table.loc["mean"] = runs_only.mean()
+        table.loc["sd"] = runs_only.std(ddof=1)
+        # A time is a sum over runs: no mean where some runs did not record theirs.
+        table.loc[["mean", "sd"], "train_minutes"] = runs_only["train_minutes"].agg(["mean", "std"]).to_numpy() if runs_only["train_minutes"].notna().all() else np.nan
     return table
 
 

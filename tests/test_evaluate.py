@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,6 +27,7 @@ from skin_lesion.evaluate import (
     read_labels,
     score_decision_layer,
     subgroup_table,
+    training_minutes,
 )
 from skin_lesion.pipeline import label_ids
 
@@ -295,3 +298,21 @@ def test_logit_adjust_scan_scores_each_tau_and_holds_each_ensemble_out(tmp_path)
     assert table["mean"].idxmax() > 0
     assert list(held_out["held_out"]) == list(map(str, ensembles)) and (held_out["tau"] > 0).all()
     assert (held_out["balanced_accuracy"] > held_out["at_tau_0"]).all()
+
+
+def test_training_minutes_sums_each_training_run_once(tmp_path):
+    """A weight average costs nothing beyond its run; an ensemble sums its distinct runs."""
+    a, b, old = tmp_path / "a", tmp_path / "b", tmp_path / "old"
+    for run, seconds in ((a, [60.0, 120.0]), (b, [30.0, 30.0])):
+        (run / "average").mkdir(parents=True)
+        pd.DataFrame({"loss": [1.0, 0.5], "epoch_seconds": seconds}).to_csv(run / "history.csv", index=False)
+    old.mkdir()
+    pd.DataFrame({"loss": [1.0, 0.5]}).to_csv(old / "history.csv", index=False)  # before epoch_seconds existed
+    assert training_minutes(a) == pytest.approx(3.0)
+    assert training_minutes(a / "average") == pytest.approx(3.0)
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / "metrics.json").write_text(json.dumps({"ensemble": ["../a", "../a/average", "../b"]}))
+    assert training_minutes(ens) == pytest.approx(4.0)
+    (ens / "metrics.json").write_text(json.dumps({"ensemble": ["../a", "../old"]}))
+    assert np.isnan(training_minutes(ens)) and np.isnan(training_minutes(old))

@@ -155,6 +155,9 @@ def test_summarize_gives_each_run_and_mean_and_sd(demo_run, tmp_path):
     runs = table.loc[[str(demo_run), str(stacked)], "balanced_accuracy"]
     assert table.loc["mean", "balanced_accuracy"] == pytest.approx(runs.mean())
     assert table.loc["sd", "balanced_accuracy"] == pytest.approx(runs.std(ddof=1))
+    # The trained run's minutes of epochs; a decision layer has no epochs of its own, so no mean either.
+    assert table.loc[str(demo_run), "train_minutes"] > 0
+    assert table[["train_minutes"]].drop(index=str(demo_run)).isna().all().all()
     res = cli("summarize", str(tmp_path / "nothing"))
     assert res.returncode == 2 and "metrics.json: missing" in res.stderr
 
