@@ -64,7 +64,8 @@ def test_smoothed_loss_is_cross_entropy_against_smoothed_targets():
 
 def test_one_validation_pass_gives_what_evaluate_gives():
     """``fit`` runs without ``validation_data``; the callback's single pass must
-    report the loss and accuracy Keras' own pass would have, for either loss."""
+    report the loss and accuracy Keras' own pass would have, for either loss
+    (for a model this unsure the probabilities' clipping changes nothing)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 3)).astype("float32")
     labels = rng.integers(0, 2, size=40)
