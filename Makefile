@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= cpu
+SEED ?= 0
+RUNS ?= runs
 
 .PHONY: setup report test lint bench clean
 
@@ -19,7 +21,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # The notebooks top to bottom and reports/report.html: real data from
 # $$SKIN_LESION_DATA or data/ham10000 when present, else the synthetic demo set.
 report: setup
-	$(PY) -m skin_lesion report --profile $(PROFILE)
+	$(PY) -m skin_lesion report --profile $(PROFILE) --seed $(SEED) --runs $(RUNS)
 
 test: setup
 	$(VENV)/bin/ruff check .
