@@ -18,20 +18,17 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import pandas as pd  # noqa: E402
 
-from skin_lesion.data import load_dataset  # noqa: E402
+from skin_lesion.evaluate import run_frames  # noqa: E402
 from skin_lesion.pipeline import make_pipeline  # noqa: E402
-from skin_lesion.train import TrainConfig, compile_model  # noqa: E402
+from skin_lesion.train import compile_model  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a trained run folder (config.json, split.csv, model.keras)")
     args = parser.parse_args()
-    cfg = TrainConfig.load(f"{args.run}/config.json")
-    split = pd.read_csv(f"{args.run}/split.csv")
-    meta = load_dataset(cfg.data).meta.drop(columns=["split"], errors="ignore").merge(split[["image_id", "split"]], on="image_id")
+    meta, cfg = run_frames(args.run)
     val = meta[meta["split"] == "val"]
     pipe = make_pipeline(val, (cfg.image_size, cfg.image_size), cfg.batch_size)
     model = keras.models.load_model(f"{args.run}/model.keras", safe_mode=True, compile=False)

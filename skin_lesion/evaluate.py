@@ -567,8 +567,8 @@ def summarize_runs(runs: list[str | Path]) -> pd.DataFrame:
         runs_only = table.iloc[: len(rows)]
         table.loc["mean"] = runs_only.mean()
         table.loc["sd"] = runs_only.std(ddof=1)
-        # A time is a sum over runs: no mean where some runs did not record theirs.
-        table.loc[["mean", "sd"], "train_minutes"] = runs_only["train_minutes"].agg(["mean", "std"]).to_numpy() if runs_only["train_minutes"].notna().all() else np.nan
+        if runs_only["train_minutes"].isna().any():  # no mean time where some runs did not record theirs
+            table.loc[["mean", "sd"], "train_minutes"] = np.nan
     return table
 
 
