@@ -334,20 +334,32 @@ def build_model(
     return keras.Model(model.inputs, PriorShift(prior, name=HEAD_PREFIX + "prior_shift")(model.output), name=model.name)
 
 
-def set_backbone_trainable(model: keras.Model, unfreeze_from: str | None) -> int:
+def set_backbone_trainable(model: keras.Model, unfreeze_from: str | None, freeze_batchnorm: bool = True) -> int:
     """Freeze the backbone, then unfreeze from layer ``unfreeze_from`` to the top.
 
     ``None`` freezes the whole backbone (the head alone trains); ``"all"``
-    unfreezes everything. BatchNormalization layers stay frozen so that small
-    fine-tuning batches do not wreck ImageNet statistics. Returns the number of
-    trainable weights.
+    unfreezes everything. With ``freeze_batchnorm`` (pretrained backbones)
+    BatchNormalization layers stay frozen so that small fine-tuning batches do
+    not wreck ImageNet statistics. A model trained from scratch must pass
+    False: a frozen, freshly built BatchNormalization layer normalizes with
+    mean 0 and variance 1 and never learns its scale, so it does nothing, and
+    the custom CNN then sat at chance for its first epochs. Returns the number
+    of trainable weights.
     """
     names = [layer.name for layer in model.layers]
     start = 0 if unfreeze_from == "all" else (names.index(unfreeze_from) if unfreeze_from else len(names))
     for i, layer in enumerate(model.layers):
         is_head = layer.name.startswith(HEAD_PREFIX)
-        layer.trainable = is_head or (i >= start and not isinstance(layer, layers.BatchNormalization))
+        frozen_norm = freeze_batchnorm and isinstance(layer, layers.BatchNormalization)
+        layer.trainable = is_head or (i >= start and not frozen_norm)
     return len(model.trainable_weights)
+
+
+def is_pretrained(model_name: str, weights: str | None) -> bool:
+    """Whether ``build_model(model_name, weights=weights)`` starts from trained
+    weights (ImageNet or a local file) rather than from scratch: the custom CNN
+    never does, and ``weights`` ``none`` (or None) means scratch."""
+    return model_name != "cnn" and weights not in (None, "none")
 
 
 def last_conv_layer(model: keras.Model) -> str:

@@ -32,7 +32,7 @@ import pandas as pd
 import tensorflow as tf
 
 from skin_lesion.data import DataError, Dataset, fold_parts, load_dataset, make_split_table
-from skin_lesion.models import DEFAULT_SIZE, LITE_NAMES, MODEL_NAMES, build_model, lite_stage_first_block, set_backbone_trainable
+from skin_lesion.models import DEFAULT_SIZE, LITE_NAMES, MODEL_NAMES, build_model, is_pretrained, lite_stage_first_block, set_backbone_trainable
 from skin_lesion.pipeline import label_ids, make_pipeline, sampling_prior
 
 log = logging.getLogger("skin_lesion")
@@ -132,7 +132,7 @@ class TrainConfig:
         if out.augment_on not in AUGMENT_ON:
             raise DataError(f"unknown augment_on {out.augment_on!r}; choose one of {', '.join(AUGMENT_ON)}")
         out.unfreeze_from = out.unfreeze_from or UNFREEZE_FROM[out.model]
-        if out.model == "cnn" or out.weights == "none":
+        if not is_pretrained(out.model, out.weights):
             out.head_epochs = 0  # nothing pretrained to protect
             out.unfreeze_from = "all"
         out.head_epochs = min(out.head_epochs, out.epochs)
@@ -419,7 +419,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
                 model = keras.models.load_model(run / checkpoint, safe_mode=True)  # mid-phase: optimizer state kept
             else:
                 model = _phase_model(cfg, run, prior)
-                set_backbone_trainable(model, unfreeze)
+                set_backbone_trainable(model, unfreeze, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
                 compile_model(model, lr, cfg.label_smoothing)
         log.info("Phase %s: epochs %d-%d, lr %.2g, %d trainable weights", name, start + 1, end, lr, len(model.trainable_weights))
         averaging = cfg.average_last > 0 and end == cfg.epochs

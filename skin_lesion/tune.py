@@ -21,7 +21,7 @@ import keras_tuner as kt
 import pandas as pd
 
 from skin_lesion.data import load_dataset
-from skin_lesion.models import LITE_NAMES, build_model, lite_stage_first_block, set_backbone_trainable
+from skin_lesion.models import LITE_NAMES, build_model, is_pretrained, lite_stage_first_block, set_backbone_trainable
 from skin_lesion.pipeline import label_ids, make_pipeline
 from skin_lesion.train import BalancedAccuracy, TrainConfig, compile_model, prepare_split
 
@@ -45,7 +45,8 @@ class LesionHyperModel(kt.HyperModel):
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         size = hp.Choice("image_size", [160, 192, 224] if self.cfg.model != "cnn" else [64, 96, 128])
         model = build_model(self.cfg.model, size, weights=self.cfg.weights, dropout=hp.Float("dropout", 0.1, 0.5, step=0.1))
-        set_backbone_trainable(model, hp.Choice("unfreeze_from", UNFREEZE_CHOICES[self.cfg.model]))
+        unfreeze = hp.Choice("unfreeze_from", UNFREEZE_CHOICES[self.cfg.model])
+        set_backbone_trainable(model, unfreeze, freeze_batchnorm=is_pretrained(self.cfg.model, self.cfg.weights))
         compile_model(model, hp.Float("lr", 1e-4, 3e-3, sampling="log"))
         hp.Choice("imbalance", ["oversample", "class_weight", "undersample"])  # used by fit; declared here so every trial records it
         return model

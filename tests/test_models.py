@@ -166,6 +166,18 @@ def test_fine_tuning_freezes_backbone_and_batchnorm():
     assert not model.get_layer("block3_project_conv").trainable
 
 
+def test_a_model_trained_from_scratch_trains_its_batchnorm():
+    assert models.is_pretrained("efficientnet_lite0", "imagenet") and models.is_pretrained("resnet50", "/some/weights.h5")
+    assert not models.is_pretrained("cnn", "imagenet") and not models.is_pretrained("efficientnet_lite0", "none")
+    model = models.build_model("cnn", 32)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 8
+    models.set_backbone_trainable(model, "all", freeze_batchnorm=False)
+    assert all(layer.trainable for layer in model.layers)
+    models.set_backbone_trainable(model, "all")  # the pretrained default
+    assert not any(layer.trainable for layer in norms)
+
+
 @pytest.mark.parametrize("name", ["cnn", "efficientnet_lite0", "efficientnet_lite2"])
 def test_gradcam_reaches_the_last_convolution(name):
     model = models.build_model(name, 64, weights="none")

@@ -209,6 +209,23 @@ def test_smoke_train_on_real_data(real_dir, tmp_path):
     assert res.returncode == 0 and image.name in res.stdout
 
 
+def test_the_cnn_learns_its_batchnorm_from_scratch(demo_dir, tmp_path):
+    """A frozen fresh BatchNormalization layer is the identity (mean 0, variance 1,
+    scale 1): trained that way the CNN sat at chance for its first epochs."""
+    import keras
+
+    run = tmp_path / "cnn"
+    res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--no-eval", "--data", str(demo_dir), "--run", str(run))
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = keras.models.load_model(run / "model.keras", safe_mode=True)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 8
+    for layer in norms:
+        gamma, beta, moving_mean, moving_var = (np.asarray(w) for w in layer.get_weights())
+        assert np.abs(moving_mean).max() > 0 and np.abs(moving_var - 1).max() > 0, layer.name  # statistics learned
+        assert np.abs(gamma - 1).max() > 0 and np.abs(beta).max() > 0, layer.name  # scale and shift trained
+
+
 def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     run = tmp_path / "resume"
     # The square-root mix, weight averaging and label smoothing ride along: the mean
