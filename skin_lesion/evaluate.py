@@ -38,7 +38,7 @@ MEL = CLASSES.index("mel")
 ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 AGE_BANDS: tuple[int, ...] = (0, 30, 45, 60, 75, 120)
 # tau of the study's mean ensemble (``mean_runs(logit_adjust=...)``): chosen on validation
-# across seeds 0-3, leave one seed out, by the rule registered in commit 120162f (README)
+# across seeds 0-3, leave one seed out, by the rule registered in commit 120162f (docs/EXPERIMENTS.md, "Logit adjustment")
 STUDY_LOGIT_ADJUST = 0.3
 
 
@@ -448,7 +448,8 @@ def mean_runs(
     log-probabilities minus tau * log(training class frequency), which moves
     decisions towards rare classes; the probabilities (AUC, ECE, what
     ``predict`` shows) stay the calibrated mean. The study uses
-    ``STUDY_LOGIT_ADJUST``, chosen across seeds on validation (README).
+    ``STUDY_LOGIT_ADJUST``, chosen across seeds on validation (docs/EXPERIMENTS.md,
+    "Logit adjustment").
 
     Writes ``metrics.json`` (with ``ensemble``: the member runs, and
     ``logit_adjust`` when tau is not 0), ``predictions.csv`` and

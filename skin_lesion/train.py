@@ -51,7 +51,7 @@ PROFILES: dict[str, dict] = {
 # FLOPs per pixel as Lite0, so on 2 cores it gets 64 px images to fit the hour.
 # EfficientNet-Lite0 on the cpu profile: the square-root class mix, and the
 # mean of the last five epochs' weights kept as a second model beside the best
-# epoch, both chosen on validation (README, "The square-root class mix" and
+# epoch, both chosen on validation (docs/EXPERIMENTS.md, "The square-root class mix" and
 # "Two resolutions and a weight average"); smoke runs the same path in miniature.
 # The larger Lite sizes take Lite0's recipe unchanged, so that a comparison
 # between sizes is about the backbone alone.
@@ -65,7 +65,7 @@ MODEL_PROFILES: dict[tuple[str, str], dict] = {
 COMPANION_SIZE: dict[str, int] = {"smoke": 48, "cpu": 160}
 # Label smoothing of the study's first (224 px) EfficientNet-Lite0 run on the
 # profiles with a mean ensemble: F-LS passed its registered rule on validation
-# over seeds 0-2 (README, "The mean ensemble with the smoothed member"). smoke
+# over seeds 0-2 (docs/EXPERIMENTS.md, "The mean ensemble with the smoothed member"). smoke
 # mirrors cpu so the tests train the same kind of study.
 STUDY_LABEL_SMOOTHING: dict[str, float] = {"smoke": 0.1, "cpu": 0.1}
 PHASE_SEED_STRIDE = 1000  # phase k trains on the pipeline seeded cfg.seed + 1000 k (see train)
@@ -466,7 +466,7 @@ class WeightAverage(keras.callbacks.Callback):
     epoch's checkpoint, removed with it), so a resumed run continues it. Batch
     normalisation statistics are averaged too; they are frozen in fine-tuning.
     The run's ``model.keras`` stays the best epoch: the mean is a second model,
-    a member of the study's mean ensemble beside it (README, "Two resolutions
+    a member of the study's mean ensemble beside it (docs/EXPERIMENTS.md, "Two resolutions
     and a weight average").
     """
 
@@ -563,7 +563,7 @@ def study_runs(profile: str, pretrained: str) -> dict[str, dict]:
     oversampled, best epoch only: the study's mean ensemble (and the decision
     layer) combine it with the first run and that run's weight average, the
     first run trained with ``STUDY_LABEL_SMOOTHING``. Those models and that
-    combination won on validation over three seeds (README, "Two resolutions
+    combination won on validation over three seeds (docs/EXPERIMENTS.md, "Two resolutions
     and a weight average", "The mean ensemble" and "Label smoothing")."""
     runs = {f"{profile}_cnn": dict(model="cnn"), f"{profile}_{pretrained}": dict(model=pretrained)}
     if pretrained in LITE_NAMES and profile in COMPANION_SIZE:

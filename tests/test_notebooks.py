@@ -80,7 +80,7 @@ def test_study_ensemble_is_the_mean_of_every_run_and_predicts_like_them(report, 
     runs = report.parent.parent / "runs"
     folder = runs / "smoke_ensemble"
     members = ensemble_members(folder)
-    assert members[-1].resolve() == (runs / "smoke_cnn").resolve()  # the CNN joined it (README, "Candidate Q")
+    assert members[-1].resolve() == (runs / "smoke_cnn").resolve()  # the CNN joined it (docs/EXPERIMENTS.md, "Candidate Q")
     if (runs / "smoke_efficientnet_lite0").exists():  # both resolutions, the weight average and the CNN
         expected = [runs / "smoke_efficientnet_lite0", runs / "smoke_efficientnet_lite0" / "average", runs / "smoke_efficientnet_lite0_48", runs / "smoke_cnn"]
         assert [m.resolve() for m in members] == [e.resolve() for e in expected]
