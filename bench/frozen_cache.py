@@ -40,8 +40,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from skin_lesion.config import UNFREEZE_FROM  # noqa: E402
+from skin_lesion.losses import make_loss  # noqa: E402
 from skin_lesion.models import LITE_NAMES, build_model, set_backbone_trainable  # noqa: E402
-from skin_lesion.train import UNFREEZE_FROM, make_loss  # noqa: E402
 
 TRAIN_IMAGES = 7000  # about the training split of the lesion-grouped HAM10000 split
 

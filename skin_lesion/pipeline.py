@@ -1,4 +1,8 @@
-"""tf.data input pipelines: decode, resize, cache, augment, balance, batch, prefetch.
+"""tf.data input pipelines, class-imbalance sampling, and the one image decoder.
+
+``decode_resize`` is the only way pixels enter the package: training,
+evaluation, Grad-CAM and ``predict`` all read images through it (``read_image``
+for single files), so a model sees the same pixels wherever it runs.
 
 Why this order (the tf.data performance guide): decoding and resizing are
 deterministic and costly, so they run once in parallel and are cached;
@@ -12,19 +16,24 @@ the bytes.
 
 from __future__ import annotations
 
-import itertools
 import math
+import os
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from skin_lesion.data import CLASSES, DataError
+from skin_lesion.augment import make_augmenter
+from skin_lesion.config import IMBALANCE_METHODS
+from skin_lesion.data import label_ids
+from skin_lesion.info import CLASSES, DataError, UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
-IMBALANCE_METHODS: tuple[str, ...] = ("none", "oversample", "sqrt", "undersample", "class_weight")
+
+
+class ImageError(UserError):
+    """An input file that is not a readable image: the message names it."""
 
 
 def decode_resize(path: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
@@ -36,105 +45,21 @@ def decode_resize(path: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
 
 
-# RGB -> YIQ: hue is the angle in the IQ plane, so a hue shift is a rotation there.
-_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], "float32")
+def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """One image file as a float32 (size, size, 3) array in [0, 255], decoded and
+    resized exactly as the training pipeline does; an unreadable file is an ImageError."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: file not found")
+    try:
+        return decode_resize(tf.constant(path), (image_size, image_size)).numpy().astype("float32")
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}); pass a JPEG or PNG file") from e
 
 
-@keras.saving.register_keras_serializable(package="skin_lesion")
-class LesionAugment(keras.layers.Layer):
-    """Random geometry and colour for a batch of training images, in one pass.
-
-    Geometry: flips, a full rotation (lesions have no up or down), zoom from
-    0.9x to 1.25x (zooming in is a random crop) and a shift of up to 8% -- all
-    composed into one affine transform per image, so each image is resampled
-    once (reflected at the borders). Colour: hue rotation (in YIQ), contrast
-    and brightness jitter. Chaining Keras' preprocessing layers for the same
-    effects resamples each image several times. Built on ``keras.ops`` and
-    ``keras.random``.
-
-    Inside a model it runs on the accelerator; TensorFlow's XLA has no kernel
-    for the affine resample, so the layer says ``supports_jit = False`` and
-    Keras' ``jit_compile="auto"`` then compiles such a model without XLA.
-    """
-
-    def __init__(self, strength: float = 1.0, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.strength, self.seed = float(strength), seed
-        self.supports_jit = False
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def _sampler(self, batch_seed):
-        """``uniform(n, low, high)`` for one call. Inside a model (no ``batch_seed``)
-        train steps run one at a time, so the layer's stateful generator is drawn in
-        order; in tf.data the k-th draw is keyed by (``batch_seed``, k), so it does
-        not depend on which thread ran first."""
-        if batch_seed is None:
-            return lambda n, low, high: keras.random.uniform((n,), low, high, seed=self.seed_generator)
-        draws = itertools.count(1)
-
-        def uniform(n, low: float, high: float):
-            return tf.random.stateless_uniform((n,), tf.random.experimental.stateless_fold_in(batch_seed, next(draws)), low, high)
-
-        return uniform
-
-    def _geometry(self, images, uniform):
-        """One affine transform per image: output pixel -> input pixel."""
-        ops, s = keras.ops, self.strength
-        shape = ops.shape(images)
-        n, h, w = shape[0], ops.cast(shape[1], "float32"), ops.cast(shape[2], "float32")
-        theta = uniform(n, -math.pi * s, math.pi * s)
-        scale = uniform(n, 1 - 0.1 * s, 1 + 0.25 * s)
-        fx = ops.where(uniform(n, 0, 1) < 0.5, -1.0, 1.0)
-        fy = ops.where(uniform(n, 0, 1) < 0.5, -1.0, 1.0)
-        tx, ty = uniform(n, -0.08 * s, 0.08 * s) * w, uniform(n, -0.08 * s, 0.08 * s) * h
-        cos, sin = ops.cos(theta) / scale, ops.sin(theta) / scale
-        a00, a01, a10, a11 = cos * fx, -sin * fy, sin * fx, cos * fy
-        cx, cy = (w - 1) / 2, (h - 1) / 2
-        zeros = ops.zeros_like(theta)
-        transform = ops.stack([a00, a01, cx + tx - a00 * cx - a01 * cy, a10, a11, cy + ty - a10 * cx - a11 * cy, zeros, zeros], axis=1)
-        return ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="reflect")
-
-    def _colour(self, x, uniform):
-        """Hue rotation, then contrast about each image's mean, then brightness."""
-        ops, s = keras.ops, self.strength
-        n = ops.shape(x)[0]
-        hue = uniform(n, -0.1 * math.pi * s, 0.1 * math.pi * s)
-        c, si = ops.cos(hue), ops.sin(hue)
-        one, zero = ops.ones_like(c), ops.zeros_like(c)
-        rot = ops.stack([ops.stack([one, zero, zero], -1), ops.stack([zero, c, -si], -1), ops.stack([zero, si, c], -1)], 1)
-        to_yiq = ops.convert_to_tensor(_RGB2YIQ)
-        from_yiq = ops.convert_to_tensor(np.linalg.inv(_RGB2YIQ).astype("float32"))
-        x = ops.einsum("bhwc,bdc->bhwd", x, ops.einsum("ij,bjk,kl->bil", from_yiq, rot, to_yiq))
-        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
-        contrast = ops.reshape(uniform(n, 1 - 0.15 * s, 1 + 0.15 * s), (-1, 1, 1, 1))
-        brightness = ops.reshape(uniform(n, -0.1 * s, 0.1 * s) * 255, (-1, 1, 1, 1))
-        return ops.clip((x - mean) * contrast + mean + brightness, 0, 255)
-
-    def call(self, images, training=True, batch_seed=None):
-        """``batch_seed`` (tf.data only): an int64 tensor of shape (2,) that fixes
-        this batch's draws, so a pipeline's augmentation depends on the batch's
-        position in the stream and not on which thread ran first."""
-        if not training or self.strength <= 0:
-            return images
-        uniform = self._sampler(batch_seed)
-        return self._colour(self._geometry(keras.ops.cast(images, self.compute_dtype), uniform), uniform)
-
-    def get_config(self):
-        return {**super().get_config(), "strength": self.strength, "seed": self.seed}
-
-
-def make_augmenter(strength: float = 1.0, seed: int = 0) -> LesionAugment:
-    """The training augmentation (see :class:`LesionAugment`)."""
-    return LesionAugment(strength, seed=seed, name="augment")
-
-
-def label_ids(dx: pd.Series) -> np.ndarray:
-    """Class names to integer ids in CLASSES order; unknown labels are a DataError."""
-    lookup = {c: i for i, c in enumerate(CLASSES)}
-    unknown = sorted(set(dx) - set(lookup))
-    if unknown:
-        raise DataError(f"unknown dx label(s) {unknown}; allowed: {', '.join(CLASSES)}")
-    return dx.map(lookup).to_numpy(dtype=np.int32)
+def load_images(paths: list[str], image_size: int) -> np.ndarray:
+    """A few image files as one float32 batch in [0, 255], for prediction or Grad-CAM outside tf.data."""
+    return np.stack([read_image(p, image_size) for p in paths])
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -185,7 +110,6 @@ class Pipeline:
     dataset: tf.data.Dataset
     steps: int
     class_weight: dict[int, float] | None
-    size: int
 
 
 def make_pipeline(
@@ -204,7 +128,7 @@ def make_pipeline(
     ``oversample`` mixes one repeated dataset per class with equal weights
     (``sample_from_datasets``), ``sqrt`` mixes them with weights proportional
     to the square root of each class's count (rare images repeat less; the
-    model undoes the skew at inference, see ``models.PriorShift``), ``undersample`` keeps a random balanced subset,
+    model undoes the skew at inference, see ``models.layers.PriorShift``), ``undersample`` keeps a random balanced subset,
     ``class_weight`` returns balanced weights for ``fit``. Evaluation
     pipelines keep the row order and are deterministic; training pipelines
     give the same batches for the same ``seed``, however busy the machine.
@@ -246,9 +170,4 @@ def make_pipeline(
             lambda i, xy: (aug(xy[0], training=True, batch_seed=tf.stack([tf.constant(seed, tf.int64), i])), xy[1]),
             num_parallel_calls=AUTOTUNE,
         )
-    return Pipeline(ds.prefetch(AUTOTUNE), steps, weights, len(frame))
-
-
-def load_images(paths: list[str], image_size: tuple[int, int] = (224, 224)) -> np.ndarray:
-    """Decode a few images (float32, [0, 255]) for prediction or Grad-CAM, outside tf.data."""
-    return np.stack([decode_resize(tf.constant(p), tuple(image_size)).numpy().astype("float32") for p in paths])
+    return Pipeline(ds.prefetch(AUTOTUNE), steps, weights)

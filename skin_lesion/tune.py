@@ -20,10 +20,13 @@ import keras
 import keras_tuner as kt
 import pandas as pd
 
-from skin_lesion.data import load_dataset
-from skin_lesion.models import LITE_NAMES, build_model, is_pretrained, lite_stage_first_block, set_backbone_trainable
-from skin_lesion.pipeline import label_ids, make_pipeline
-from skin_lesion.train import BalancedAccuracy, TrainConfig, compile_model, prepare_split
+from skin_lesion.callbacks import BalancedAccuracy
+from skin_lesion.config import LITE_NAMES, TrainConfig, is_pretrained
+from skin_lesion.data import label_ids, load_dataset
+from skin_lesion.models import build_model, lite_stage_first_block, set_backbone_trainable
+from skin_lesion.pipeline import make_pipeline
+from skin_lesion.runs import RunFolder
+from skin_lesion.train import compile_model, prepare_split
 
 log = logging.getLogger("skin_lesion")
 # Where fine-tuning may start, per model: shallow to deep (for the Lite sizes, the
@@ -66,7 +69,7 @@ def tune(run: str | Path, data: str | None = None, trials: int = 6, epochs: int 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(model=model, profile="cpu", data=data, run=str(run), max_per_class=max_per_class, seed=seed).resolved()
-    meta = prepare_split(cfg, load_dataset(data), run)
+    meta = prepare_split(cfg, load_dataset(data), RunFolder(run))
     tuner = kt.RandomSearch(
         LesionHyperModel(cfg, meta), objective=kt.Objective("val_balanced_accuracy", "max"), max_trials=trials, seed=seed,
         directory=str(run), project_name="kerastuner", overwrite=False,

@@ -18,7 +18,7 @@ REAL = os.environ.get("SKIN_LESION_DATA")
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """A 250-image synthetic demo set, made once per test session."""
-    from skin_lesion.data import make_demo
+    from skin_lesion.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo"), n_images=250, seed=0)
 

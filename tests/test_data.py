@@ -16,24 +16,24 @@ import pandas as pd
 import pytest
 from conftest import cli
 
-from skin_lesion import data
-from skin_lesion.data import CLASSES, DataError
+from skin_lesion import data, demo, download, splits
+from skin_lesion.info import CLASSES, HAM_COUNTS, METADATA_FILE, DataError
 
 
 def _copy_demo(src: Path, dst: Path, n: int = 30) -> Path:
     """A writable copy of the first ``n`` demo images and their metadata."""
-    meta = pd.read_csv(src / data.METADATA_FILE).head(n)
+    meta = pd.read_csv(src / METADATA_FILE).head(n)
     (dst / "images").mkdir(parents=True)
     for i in meta["image_id"]:
         shutil.copy(src / "images" / f"{i}.jpg", dst / "images")
-    meta.to_csv(dst / data.METADATA_FILE, index=False)
+    meta.to_csv(dst / METADATA_FILE, index=False)
     return dst
 
 
 def test_real_metadata_loads_with_its_quirks(real_dir):
     ds = data.load_dataset(real_dir)
     assert len(ds.meta) == 10015 and ds.meta["lesion_id"].nunique() == 7470
-    assert ds.meta["dx"].value_counts().to_dict() == data.HAM_COUNTS
+    assert ds.meta["dx"].value_counts().to_dict() == HAM_COUNTS
     assert ds.meta["age"].isna().sum() == 57  # missing ages stay missing
     assert (ds.meta["sex"] == "unknown").sum() > 0
     assert not ds.synthetic and all(Path(p).exists() for p in ds.meta["path"].head(20))
@@ -60,7 +60,7 @@ def test_original_part_folders_are_found(demo_dir, tmp_path):
 )
 def test_bad_metadata_is_one_clear_line(demo_dir, tmp_path, mutate, message):
     d = _copy_demo(demo_dir, tmp_path / "ds")
-    csv = d / data.METADATA_FILE
+    csv = d / METADATA_FILE
     mutate(pd.read_csv(csv)).to_csv(csv, index=False)
     with pytest.raises(DataError) as err:
         data.load_dataset(d)
@@ -83,9 +83,9 @@ def test_data_check_reports_every_problem(demo_dir, tmp_path):
     images[0].unlink()  # listed but absent
     images[1].write_bytes(images[1].read_bytes()[:200])  # truncated JPEG
     shutil.copy(images[2], d / "images" / "EXTRA_1.jpg")  # present but not listed
-    meta = pd.read_csv(d / data.METADATA_FILE)
+    meta = pd.read_csv(d / METADATA_FILE)
     meta.loc[3, "dx"] = "cancer"
-    meta.to_csv(d / data.METADATA_FILE, index=False)
+    meta.to_csv(d / METADATA_FILE, index=False)
     res = cli("data", "check", "--data", str(d))
     assert res.returncode != 0
     out = res.stdout
@@ -113,31 +113,31 @@ def _assert_grouped_and_stratified(meta: pd.DataFrame, split: pd.Series, toleran
 
 def test_real_split_grouped_by_lesion_and_stratified(real_dir):
     meta = data.load_dataset(real_dir).meta
-    split = data.lesion_split(meta, seed=0)
+    split = splits.lesion_split(meta, seed=0)
     _assert_grouped_and_stratified(meta, split)
     lesion_share = meta.assign(s=split).groupby("lesion_id")["s"].first().value_counts(normalize=True)
     assert abs(lesion_share["test"] - 0.15) < 0.01 and abs(lesion_share["val"] - 0.15) < 0.01
-    folds = data.lesion_folds(meta, 5, seed=0)
+    folds = splits.lesion_folds(meta, 5, seed=0)
     _assert_grouped_and_stratified(meta, folds)
     assert folds.nunique() == 5
 
 
 def test_split_is_deterministic_and_grouped_on_demo(demo_dir):
     meta = data.load_dataset(demo_dir).meta
-    a, b = data.lesion_split(meta, seed=3), data.lesion_split(meta, seed=3)
-    assert a.equals(b) and not a.equals(data.lesion_split(meta, seed=4))
+    a, b = splits.lesion_split(meta, seed=3), splits.lesion_split(meta, seed=3)
+    assert a.equals(b) and not a.equals(splits.lesion_split(meta, seed=4))
     assert meta.assign(s=a).groupby("lesion_id")["s"].nunique().max() == 1
     assert set(a) == {"train", "val", "test"}
 
 
 def test_fold_parts_hold_out_one_fold_and_a_grouped_val(demo_dir):
     meta = data.load_dataset(demo_dir).meta
-    table = data.make_split_table(meta, folds=3, seed=0)
-    part = data.fold_parts(table, 1)
+    table = splits.make_split_table(meta, folds=3, seed=0)
+    part = splits.fold_parts(table, 1)
     assert (part[table["fold"] == 1] == "test").all()
     assert table.assign(p=part).groupby("lesion_id")["p"].nunique().max() == 1
     with pytest.raises(DataError, match="out of range"):
-        data.fold_parts(table, 3)
+        splits.fold_parts(table, 3)
 
 
 def test_split_cli_writes_csv(demo_dir, tmp_path):
@@ -149,9 +149,9 @@ def test_split_cli_writes_csv(demo_dir, tmp_path):
 
 
 def test_demo_set_is_deterministic_and_ham_shaped(tmp_path):
-    a = data.make_demo(tmp_path / "a", n_images=120, seed=5)
-    b = data.make_demo(tmp_path / "b", n_images=120, seed=5)
-    ma, mb = pd.read_csv(a / data.METADATA_FILE), pd.read_csv(b / data.METADATA_FILE)
+    a = demo.make_demo(tmp_path / "a", n_images=120, seed=5)
+    b = demo.make_demo(tmp_path / "b", n_images=120, seed=5)
+    ma, mb = pd.read_csv(a / METADATA_FILE), pd.read_csv(b / METADATA_FILE)
     assert ma.equals(mb)
     first = ma["image_id"].iloc[0]
     assert (a / "images" / f"{first}.jpg").read_bytes() == (b / "images" / f"{first}.jpg").read_bytes()
@@ -168,6 +168,20 @@ def test_demo_classes_differ_in_colour(demo_dir):
     meta = data.load_dataset(demo_dir).meta
     means = {c: np.mean([np.asarray(Image.open(p)).mean((0, 1)) for p in meta[meta["dx"] == c]["path"].head(8)], 0) for c in ("nv", "mel", "vasc")}
     assert np.linalg.norm(means["mel"] - means["vasc"]) > 10 and np.linalg.norm(means["nv"] - means["mel"]) > 10
+
+
+def test_external_set_names_itself_and_skips_missing_images_only_when_asked(demo_dir, tmp_path):
+    d = _copy_demo(demo_dir, tmp_path / "ext", n=5)
+    meta = pd.read_csv(d / METADATA_FILE)
+    labels = tmp_path / "labels.csv"
+    pd.concat([meta[["image_id", "dx"]], pd.DataFrame({"image_id": ["GONE_1"], "dx": ["mel"]})]).to_csv(labels, index=False)
+    with pytest.raises(DataError, match="1 labelled image\\(s\\) absent, e.g. GONE_1") as err:
+        data.external_set(d / "images", labels)
+    assert "\n" not in str(err.value)
+    ext = data.external_set(d / "images", labels, skip_missing=True)
+    assert ext.name == "images" and ext.skipped == ["GONE_1"]
+    assert list(ext.frame["image_id"]) == list(meta["image_id"]) and all(Path(p).exists() for p in ext.frame["path"])
+    assert data.external_set(d / "images", labels, name="clinic", skip_missing=True).name == "clinic"
 
 
 # --------------------------------------------------------------------------- download, against a local stand-in
@@ -204,7 +218,7 @@ def standin_server(demo_dir, tmp_path):
     """A local HTTP server holding a tiny HAM10000 stand-in: metadata CSV and two image zips."""
     files = tmp_path / "served"
     files.mkdir()
-    meta = pd.read_csv(demo_dir / data.METADATA_FILE).head(6)
+    meta = pd.read_csv(demo_dir / METADATA_FILE).head(6)
     meta.to_csv(files / "HAM10000_metadata.csv", index=False)
     for k, chunk in enumerate((meta.head(3), meta.tail(3)), start=1):
         with zipfile.ZipFile(files / f"HAM10000_images_part_{k}.zip", "w") as z:
@@ -228,7 +242,7 @@ def test_download_from_standin_resumes_and_verifies(standin_server, tmp_path):
     (out / "downloads").mkdir(parents=True)
     blob = (files / "HAM10000_images_part_1.zip").read_bytes()
     (out / "downloads" / "HAM10000_images_part_1.zip.part").write_bytes(blob[:100])
-    data.download(out, server=url, progress=False)
+    download.download(out, server=url, progress=False)
     assert (out / "downloads" / "HAM10000_images_part_1.zip").read_bytes() == blob
     ds = data.load_dataset(out)
     assert len(ds.meta) == 6
@@ -238,7 +252,7 @@ def test_download_rejects_a_bad_checksum(standin_server, tmp_path):
     url, files, entries = standin_server
     (files / "HAM10000_images_part_2.zip").write_bytes(b"tampered")
     with pytest.raises(DataError, match="checksum mismatch"):
-        data.download(tmp_path / "ham", server=url, progress=False)
+        download.download(tmp_path / "ham", server=url, progress=False)
 
 
 def test_download_without_network_fails_fast_and_clearly(tmp_path):

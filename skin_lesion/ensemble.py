@@ -1,0 +1,76 @@
+"""Mean ensembles: the mean of evaluated runs' calibrated probabilities.
+
+Nothing but a temperature for the mean (which leaves its argmax as it is) and
+the melanoma threshold is fitted on validation, so a mean ensemble has next
+to nothing to overfit a small validation split with. Its folder is a run
+folder of its own: ``predict`` takes it, ``stack`` and ``summarize`` read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+
+from skin_lesion.calibration import class_frequency, logit_offset
+from skin_lesion.evaluate import Evaluation, score_predictions
+from skin_lesion.info import CLASSES, DataError
+from skin_lesion.runs import TEST, RunFolder
+
+log = logging.getLogger("skin_lesion")
+
+
+def aligned_probabilities(runs: list[RunFolder], split: str) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Each run's saved probabilities on ``split`` (test or val), rows aligned by ``image_id`` to the first run's."""
+    base = runs[0].predictions(split)
+    out = {runs[0].label: base[list(CLASSES)].to_numpy(dtype=float)}
+    for run in runs[1:]:
+        merged = base[["image_id"]].merge(run.predictions(split), on="image_id", how="left")
+        if merged[list(CLASSES)].isna().any().any():
+            raise DataError(f"{run.path}: its {split} rows differ from {runs[0].path}'s; combine runs that share a split")
+        out[run.label] = merged[list(CLASSES)].to_numpy(dtype=float)
+    return base, out
+
+
+def train_class_frequency(run: RunFolder) -> np.ndarray:
+    """Each class's share of the training rows of the run's ``split.csv`` (CLASSES order)."""
+    split = run.read_split()
+    if split is None or "split" not in split:
+        raise DataError(f"{run.split_file}: missing; logit adjustment needs the training split of a run (pass run folders, not ensembles or k-fold parents)")
+    train = split.loc[split["split"] == "train", "dx"]
+    if train.empty:
+        raise DataError(f"{run.split_file}: no training rows; logit adjustment needs a run with a train split")
+    return class_frequency(train)
+
+
+def mean_runs(
+    runs: list[str | os.PathLike], out: str | os.PathLike, target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95, logit_adjust: float = 0.0
+) -> Evaluation:
+    """The mean ensemble of evaluated runs that share a split, scored on their test split.
+
+    ``logit_adjust`` (tau) changes the decision rule: the label is the argmax
+    of the calibrated mean's log-probabilities minus tau * log(training class
+    frequency), which moves decisions towards rare classes; the probabilities
+    (AUC, ECE, what ``predict`` shows) stay the calibrated mean.
+
+    Writes ``metrics.json`` (with ``ensemble``: the members, relative to
+    ``out`` so a runs tree can move as a whole, and ``logit_adjust`` when tau
+    is not 0), the predictions and a manifest that ``Predictor`` follows.
+    """
+    runs, out = [RunFolder(r) for r in runs], RunFolder(out)
+    val, val_probs = aligned_probabilities(runs, "val")
+    test, test_probs = aligned_probabilities(runs, TEST)
+    p_val, p_test = (np.mean(list(p.values()), axis=0) for p in (val_probs, test_probs))
+    members = [os.path.relpath(r.path.resolve(), out.path.resolve()) for r in runs]
+    extra: dict = dict(ensemble=members)
+    offset = None
+    if logit_adjust:
+        freq = train_class_frequency(runs[0])
+        offset = logit_offset(freq, logit_adjust)
+        extra["logit_adjust"] = dict(tau=float(logit_adjust), train_class_frequency=freq.tolist(), offset=offset.tolist())
+    out.mkdir()
+    out.update_manifest(kind="mean_ensemble", members=members, logit_offset=None if offset is None else offset.tolist())
+    # tta_views None: the members' saved probabilities carry their own TTA (in their manifests)
+    return score_predictions(out.path, None, val, p_val, test, p_test, None, target_mel_recall, TEST, mel_confidence, extra=extra, logit_offset=offset)

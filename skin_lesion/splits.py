@@ -1,0 +1,111 @@
+"""Lesion-grouped splits and folds, and the leaky by-image split kept for comparison.
+
+HAM10000 holds several images of one lesion; a split by image leaks them
+between train and test. Every split the study uses is grouped by ``lesion_id``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from skin_lesion.info import DataError
+
+
+def _allocate_lesions(lesions: pd.Series, shares: dict[str, float], seed: int) -> pd.Series:
+    """Assign lesions (index: lesion_id, values: dx) to parts by share, class by class.
+
+    Each class's lesions are shuffled and cut by the shares, so every part gets
+    its share of every class (at least one lesion of a class once the class has
+    three), even on tiny subsets where a stratified splitter refuses to run.
+    """
+    rng = np.random.default_rng(seed)
+    part = pd.Series("train", index=lesions.index, name="split")
+    for _, ids in lesions.groupby(lesions, sort=True):
+        ids = np.array(sorted(ids.index))
+        rng.shuffle(ids)
+        start = 0
+        for name, share in shares.items():
+            n = int(round(share * len(ids)))
+            n = max(n, 1) if len(ids) >= 3 else n
+            part.loc[ids[start : start + n]] = name
+            start += n
+    return part
+
+
+def lesion_split(meta: pd.DataFrame, val: float = 0.15, test: float = 0.15, seed: int = 0) -> pd.Series:
+    """Assign each image to train/val/test by lesion, stratified by dx.
+
+    Lesions (not images) are split, so every image of a lesion lands in the
+    same part; cutting each class's lesions by the shares keeps each part's
+    class mix close to the whole.
+    """
+    lesions = meta.groupby("lesion_id", sort=True)["dx"].first()
+    part = _allocate_lesions(lesions, {"test": test, "val": val}, seed)
+    return meta["lesion_id"].map(part).rename("split")
+
+
+def lesion_folds(meta: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
+    """Assign each image a fold 0..k-1 with StratifiedGroupKFold (groups = lesion_id)."""
+    if k < 2:
+        raise DataError(f"--folds must be at least 2 (got {k})")
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    fold = np.full(len(meta), -1, dtype=int)
+    for f, (_, idx) in enumerate(sgkf.split(meta, meta["dx"], groups=meta["lesion_id"])):
+        fold[idx] = f
+    return pd.Series(fold, index=meta.index, name="fold")
+
+
+def image_split(meta: pd.DataFrame, val: float = 0.15, test: float = 0.15, seed: int = 0) -> pd.Series:
+    """The leaky split by image (as in the paper), for the leakage comparison only."""
+    rest, test_idx = train_test_split(meta.index, test_size=test, stratify=meta["dx"], random_state=seed)
+    train_idx, val_idx = train_test_split(rest, test_size=val / (1 - test), stratify=meta.loc[rest, "dx"], random_state=seed)
+    part = pd.Series("train", index=meta.index, name="split")
+    part.loc[val_idx] = "val"
+    part.loc[test_idx] = "test"
+    return part
+
+
+def fold_parts(split: pd.DataFrame, fold: int, val: float = 0.15, seed: int = 0) -> pd.Series:
+    """For k-fold CV: fold ``fold`` is the test part; a lesion-grouped ``val``
+    share of the remaining lesions is held out for early stopping and calibration."""
+    k = int(split["fold"].max()) + 1
+    if not 0 <= fold < k:
+        raise DataError(f"--fold {fold} is out of range: the split has folds 0..{k - 1}")
+    rest = split[split["fold"] != fold]
+    lesion_part = _allocate_lesions(rest.groupby("lesion_id")["dx"].first(), {"val": val}, seed)
+    part = split["lesion_id"].map(lesion_part).fillna("train").rename("split")
+    part[split["fold"] == fold] = "test"
+    return part
+
+
+def make_split_table(meta: pd.DataFrame, folds: int | None = None, seed: int = 0, by: str = "lesion") -> pd.DataFrame:
+    """The ``split.csv`` table: image_id, lesion_id, dx and ``split`` (or ``fold``)."""
+    out = meta[["image_id", "lesion_id", "dx"]].copy()
+    if folds:
+        out["fold"] = lesion_folds(meta, folds, seed)
+    elif by == "image":
+        out["split"] = image_split(meta, seed=seed)
+    else:
+        out["split"] = lesion_split(meta, seed=seed)
+    return out
+
+
+def subsample(meta: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:
+    """Keep whole lesions until each class has about ``max_per_class`` images (smoke runs)."""
+    if not max_per_class:
+        return meta
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, group in meta.groupby("dx"):
+        lesions = np.array(group["lesion_id"].unique())
+        rng.shuffle(lesions)
+        counts = group.groupby("lesion_id").size()
+        total = 0
+        for lesion in lesions:
+            if total >= max_per_class:
+                break
+            keep.append(lesion)
+            total += counts[lesion]
+    return meta[meta["lesion_id"].isin(set(keep))].reset_index(drop=True)

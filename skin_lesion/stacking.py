@@ -1,0 +1,174 @@
+"""The decision layer: a class-balanced logistic regression stacked on several
+models' log-probabilities, optionally with age, sex and body site.
+
+Lesion-grouped cross-validation on the validation split chooses which models
+to stack (every non-empty subset), whether metadata goes in, and the
+regularisation; the choice is refitted on all of validation and scored on
+test. ``dx_type`` is never an input: it nearly reveals the label.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from skin_lesion.calibration import decide, mel_recall_at, mel_threshold, operating_point
+from skin_lesion.data import label_ids
+from skin_lesion.ensemble import aligned_probabilities
+from skin_lesion.evaluate import prediction_table
+from skin_lesion.info import CLASSES, SITES
+from skin_lesion.metrics import balanced_accuracy, classification_metrics, lesion_bootstrap
+from skin_lesion.runs import TEST, RunFolder
+
+log = logging.getLogger("skin_lesion")
+
+
+def metadata_features(frame: pd.DataFrame) -> np.ndarray:
+    """Age (scaled, squared, missing flag), sex and body site one-hot: what a
+    clinician knows before the biopsy. Never ``dx_type``, which reveals the label."""
+    def column(name: str) -> pd.Series:  # an absent column reads as all unknown
+        return frame[name] if name in frame else pd.Series([None] * len(frame), index=frame.index)
+
+    age = pd.to_numeric(column("age"), errors="coerce").to_numpy(dtype=float)
+    missing = np.isnan(age)
+    a = np.where(missing, 50.0, age) / 100
+    sex = np.stack([column("sex").eq(s).to_numpy() for s in ("male", "female")], 1)
+    site = np.stack([column("localization").eq(s).to_numpy() for s in SITES], 1)
+    return np.column_stack([a, a**2, missing, sex, site]).astype(float)
+
+
+def stack_inputs(probs: list[np.ndarray], frame: pd.DataFrame | None, metadata: bool) -> np.ndarray:
+    """Log-probabilities of each model side by side, plus metadata when asked."""
+    parts = [np.log(np.clip(p, 1e-6, 1)) for p in probs]
+    if metadata:
+        parts.append(metadata_features(frame))
+    return np.column_stack(parts)
+
+
+def _all_classes(probs: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Columns for every class in CLASSES order (zeros for classes absent from the fit)."""
+    out = np.zeros((len(probs), len(CLASSES)))
+    out[:, np.asarray(present, dtype=int)] = probs
+    return out
+
+
+@dataclass
+class DecisionLayer:
+    """A multinomial logistic regression over models' log-probabilities (and
+    optionally metadata), class-balanced so it aims at balanced accuracy.
+    Fitted on the validation split only; ``mel_threshold`` comes from its
+    out-of-fold validation predictions."""
+
+    models: list[str]
+    metadata: bool
+    C: float
+    cv_balanced_accuracy: float
+    mel_threshold: float
+    candidates: list[dict]
+    estimator: object = None
+    target_mel_recall: float = 0.8
+    mel_confidence: float | None = None
+    val_mel_recall: float | None = None  # out-of-fold, at mel_threshold
+
+    def probs(self, probs: dict[str, np.ndarray], frame: pd.DataFrame) -> np.ndarray:
+        """Probabilities for rows of ``frame`` from each model's probabilities."""
+        p = self.estimator.predict_proba(stack_inputs([probs[m] for m in self.models], frame, self.metadata))
+        return _all_classes(p, self.estimator.classes_)
+
+    def summary(self) -> dict:
+        keys = ("models", "metadata", "C", "cv_balanced_accuracy", "mel_threshold", "target_mel_recall", "mel_confidence", "val_mel_recall")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _logistic(C: float):
+    """Standardised inputs (fast, well-conditioned fits) -> class-balanced multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline as sk_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return sk_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=2000))
+
+
+def fit_decision_layer(
+    val_probs: dict[str, np.ndarray],
+    val: pd.DataFrame,
+    Cs: tuple[float, ...] = (0.01, 0.1, 1.0),
+    folds: int = 5,
+    target_mel_recall: float = 0.8,
+    mel_confidence: float | None = 0.95,
+    seed: int = 0,
+) -> DecisionLayer:
+    """Choose, by lesion-grouped cross-validation on the validation split, which
+    models to stack (every non-empty subset), with or without metadata, and the
+    regularisation C; refit the best on all of validation.
+
+    The candidates include each model alone without metadata, so the ensemble
+    and the metadata are kept only when validation says they help; with three
+    or more models, every pair is a candidate too, so a weak extra model cannot
+    push out a pair that helps.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+
+    y = label_ids(val["dx"])
+    names = list(val_probs)
+    sets = [list(c) for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
+    present = np.unique(y)
+    k = max(2, min(folds, int(np.bincount(y)[present].min())))  # every fold can hold every class
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    candidates, best = [], None
+    for models_ in sets:
+        for metadata in (False, True):
+            x = stack_inputs([val_probs[m] for m in models_], val, metadata)
+            for C in Cs:
+                lr = _logistic(C)
+                oof = _all_classes(cross_val_predict(lr, x, y, cv=cv, groups=val["lesion_id"].to_numpy(), method="predict_proba"), present)
+                score = balanced_accuracy(y, oof.argmax(1))
+                candidates.append(dict(models="+".join(models_), metadata=metadata, C=C, cv_balanced_accuracy=score))
+                if best is None or score > best[0]:
+                    best = (score, models_, metadata, C, x, oof)
+    score, models_, metadata, C, x, oof = best
+    estimator = _logistic(C).fit(x, y)
+    groups = val["lesion_id"].to_numpy()
+    threshold = mel_threshold(oof, y, target_mel_recall, groups, mel_confidence)
+    return DecisionLayer(
+        list(models_), metadata, C, score, threshold, candidates, estimator,
+        target_mel_recall=target_mel_recall, mel_confidence=mel_confidence, val_mel_recall=mel_recall_at(oof, y, threshold),
+    )
+
+
+def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray], test: pd.DataFrame, out: str | os.PathLike | None = None) -> dict:
+    """Test metrics of a fitted decision layer (argmax, and at its melanoma
+    threshold); with ``out``, writes ``metrics.json`` and ``predictions.csv`` there."""
+    y = label_ids(test["dx"])
+    probs = layer.probs(test_probs, test)
+    pred = decide(probs, layer.mel_threshold)
+    result = dict(
+        decision_layer=layer.summary(),
+        candidates=layer.candidates,
+        calibrated=classification_metrics(y, probs),
+        intervals_95=lesion_bootstrap(y, probs, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
+        mel_operating_point=operating_point(y, probs, layer.mel_threshold, layer.target_mel_recall, layer.mel_confidence, layer.val_mel_recall),
+    )
+    if out is not None:
+        folder = RunFolder(out).mkdir()
+        folder.write_json(folder.metrics_file(), result)
+        folder.write_table(folder.predictions_file(), prediction_table(test, probs, pred))
+        folder.update_manifest({TEST: {"metrics": folder.metrics_file().name, "predictions": folder.predictions_file().name}}, kind="decision_layer", models=layer.models)
+    return result
+
+
+def stack_runs(runs: list[str | os.PathLike], out: str | os.PathLike, target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95) -> dict:
+    """Fit a decision layer on the evaluated runs' validation predictions and
+    score it on their shared test split; writes ``metrics.json`` and
+    ``predictions.csv`` into ``out``."""
+    runs = [RunFolder(r) for r in runs]
+    val, val_probs = aligned_probabilities(runs, "val")
+    test, test_probs = aligned_probabilities(runs, TEST)
+    layer = fit_decision_layer(val_probs, val, target_mel_recall=target_mel_recall, mel_confidence=mel_confidence)
+    log.info("Decision layer: %s (validation CV balanced accuracy %.3f)", layer.summary(), layer.cv_balanced_accuracy)
+    return score_decision_layer(layer, test_probs, test, out)

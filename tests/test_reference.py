@@ -1,0 +1,93 @@
+"""Behaviour kept through the package's redesign: the smoke study on the demo set
+gives the predictions and metrics that the code before the redesign gave.
+
+The reference (tests/reference/smoke_demo_study.json) was made with the old
+code on the 250-image demo set (seed 0, TTA 2). On the machine type that made
+it, training and evaluation reproduce it byte for byte; on another CPU, float
+rounding in training differs, so there the labels must still agree on nearly
+every image. The mean ensemble's scoring is NumPy only: rebuilt from the
+reference's own member predictions, it must match exactly anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skin_lesion.info import CLASSES
+
+REFERENCE = json.loads((Path(__file__).parent / "reference" / "smoke_demo_study.json").read_text())
+
+
+def _same_machine_type() -> bool:
+    """Whether this machine's CPU model, AVX-512 and TensorFlow match the reference's."""
+    import tensorflow as tf
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())
+    return (cpu, "avx512f" in cpuinfo, tf.__version__) == (REFERENCE["cpu"], REFERENCE["avx512"], REFERENCE["tensorflow"])
+
+
+def _strip_paths(metrics: dict) -> dict:
+    """A metrics file without the folders it names (they differ between machines)."""
+    out = {k: v for k, v in metrics.items() if k != "run"}
+    if out.get("config"):
+        out["config"] = {k: v for k, v in out["config"].items() if k not in ("data", "run")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(demo_dir, tmp_path_factory) -> Path:
+    """The smoke study trained and evaluated with the current code, as notebooks 02 and 03 run it."""
+    from skin_lesion.study import evaluate_study, train_study
+
+    runs = tmp_path_factory.mktemp("reference") / "runs"
+    train_study(runs, "smoke", demo_dir, seed=0, pretrained="efficientnet_lite0", verbose=0)
+    evaluate_study(runs, "smoke")
+    return runs
+
+
+def test_smoke_study_predictions_and_metrics_match_the_old_code(study):
+    exact = _same_machine_type()
+    for name, ref in REFERENCE["runs"].items():
+        run = study / name
+        mine = (run / "predictions.csv").read_text()
+        metrics = _strip_paths(json.loads((run / "metrics.json").read_text()))
+        if exact:
+            assert mine == ref["predictions"], f"{name}: test predictions differ from the old code's"
+            assert (run / "predictions_val.csv").read_text() == ref["predictions_val"], f"{name}: validation predictions differ"
+            assert metrics == ref["metrics"], f"{name}: metrics differ from the old code's"
+        else:
+            old, new = pd.read_csv(io.StringIO(ref["predictions"])), pd.read_csv(io.StringIO(mine))
+            assert list(old["image_id"]) == list(new["image_id"]), name
+            assert (old["pred_dx"] == new["pred_dx"]).mean() >= 0.9, f"{name}: labels moved on another CPU more than rounding explains"
+
+
+def test_mean_ensemble_scoring_is_exactly_the_old_codes(demo_dir, tmp_path):
+    """The study's ensemble rebuilt from the reference members' saved predictions, through the current code."""
+    from skin_lesion.ensemble import mean_runs
+    from skin_lesion.runs import RunFolder
+    from skin_lesion.splits import make_split_table, subsample
+    from skin_lesion.study import STUDY_LOGIT_ADJUST
+
+    members = ["smoke_efficientnet_lite0", "smoke_efficientnet_lite0/average", "smoke_efficientnet_lite0_48", "smoke_cnn"]
+    meta = pd.read_csv(demo_dir / "HAM10000_metadata.csv", dtype={"image_id": str, "lesion_id": str})
+    split = make_split_table(subsample(meta, 20, 0), seed=0)  # the smoke profile's split: its training class shares drive the logit offset
+    for name in members:
+        run = RunFolder(tmp_path / "runs" / name).mkdir()
+        run.predictions_file().write_text(REFERENCE["runs"][name]["predictions"])
+        run.predictions_file("val").write_text(REFERENCE["runs"][name]["predictions_val"])
+        run.write_split(split)
+    out = tmp_path / "runs" / "smoke_ensemble"
+    result = mean_runs([tmp_path / "runs" / m for m in members], out, logit_adjust=STUDY_LOGIT_ADJUST)
+    ref = REFERENCE["runs"]["smoke_ensemble"]
+    assert (out / "predictions.csv").read_text() == ref["predictions"]
+    assert json.loads(json.dumps(_strip_paths(result.as_dict()))) == ref["metrics"]
+    probs = pd.read_csv(out / "predictions.csv")[list(CLASSES)].to_numpy()
+    assert np.allclose(probs.sum(1), 1)
