@@ -1,5 +1,5 @@
 """The command line: ``python -m skin_lesion COMMAND`` (train, evaluate, predict,
-tune, report, data). A user error prints one line and exits non-zero; a bug
+export, tune, report, data). A user error prints one line and exits non-zero; a bug
 still shows its traceback."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the user's way
 
 from skin_lesion.config import IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
-from skin_lesion.info import CLASS_DESCRIPTIONS, DISCLAIMER, UserError  # noqa: E402
+from skin_lesion.info import CLASS_DESCRIPTIONS, CLASSES, DISCLAIMER, UserError  # noqa: E402
 
 log = logging.getLogger("skin_lesion")
 
@@ -132,29 +132,70 @@ def _evaluate_cmd(args) -> int:
     return 0
 
 
-def _predict_cmd(args) -> int:
-    from skin_lesion.inference import Predictor, top_classes
-    from skin_lesion.pipeline import ImageError
+def _predictor(args):
+    """The bundle's TensorFlow-free predictor (``--model``) or the Keras one (``--run``)."""
+    if args.model:
+        from skin_lesion.bundle import Bundle
 
-    predictor = Predictor(args.run, tta=args.tta)
+        return Bundle(args.model)
+    from skin_lesion.inference import Predictor
+
+    return Predictor(args.run, tta=args.tta)
+
+
+def _heatmap_path(target: str, image: str, many: bool) -> Path:
+    """Where an image's heatmap goes: ``target`` itself for one image, ``target/<name>_heatmap.png`` for several."""
+    if not many:
+        return Path(target)
+    Path(target).mkdir(parents=True, exist_ok=True)
+    return Path(target) / f"{Path(image).stem}_heatmap.png"
+
+
+def _predict_cmd(args) -> int:
+    if bool(args.run) == bool(args.model):
+        raise SystemExit("predict: pass --model BUNDLE (an exported bundle, no TensorFlow) or --run RUN (a run folder)")
+    if args.heatmap and not args.model:
+        raise SystemExit("predict: --heatmap draws from an exported bundle; pass --model BUNDLE (`export --run RUN --out BUNDLE` makes one)")
+    from skin_lesion.info import ImageError
+
+    predictor = _predictor(args)
     failed, results = 0, []
     for path in args.images:
         try:
             probs = predictor.probs_file(path)
+            heatmap = None
+            if args.heatmap:
+                from skin_lesion.bundle import save_heatmap
+
+                heatmap = save_heatmap(_heatmap_path(args.heatmap, path, len(args.images) > 1), path, predictor.heatmap_file(path))
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
         # the label is the top class, except where an ensemble's logit adjustment moves it to a rarer one
-        top, label = top_classes(probs, 3), predictor.label(probs)
-        results.append({"image": path, "label": label, "label_name": CLASS_DESCRIPTIONS[label], "top3": [{"dx": c, "probability": round(p, 4)} for c, p in top]})
+        order = probs.argsort()[::-1][:3]
+        top, label = [(CLASSES[i], float(probs[i])) for i in order], predictor.label(probs)
+        result = {"image": path, "label": label, "label_name": CLASS_DESCRIPTIONS[label], "top3": [{"dx": c, "probability": round(p, 4)} for c, p in top]}
+        if args.model:
+            result["melanoma_above_threshold"] = predictor.mel_flag(probs)
+        if heatmap:
+            result["heatmap"] = str(heatmap)
+        results.append(result)
         if not args.json:
-            print(f"{path}: {label}, {CLASS_DESCRIPTIONS[label]} (" + ", ".join(f"{c} {p:.1%}" for c, p in top) + ")")
+            print(f"{path}: {label}, {CLASS_DESCRIPTIONS[label]} (" + ", ".join(f"{c} {p:.1%}" for c, p in top) + ")" + (f" -> {heatmap}" if heatmap else ""))
     if args.json:
         print(json.dumps({"predictions": results, "note": DISCLAIMER}, indent=2))
     else:
         print(DISCLAIMER)
     return 1 if failed else 0
+
+
+def _export_cmd(args) -> int:
+    from skin_lesion.export import export_bundle
+
+    out = export_bundle(args.run, args.out)
+    print(f"bundle: {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); predict with `python -m skin_lesion predict --model {out} IMAGE`")
+    return 0
 
 
 def _stack_cmd(args) -> int:
@@ -273,11 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_evaluate_cmd)
 
     r = sub.add_parser("predict", help="top-3 diagnoses for images")
-    r.add_argument("--run", required=True, help="a run folder, or a mean ensemble's folder (`ensemble --out`)")
+    r.add_argument("--model", help="an exported bundle (`export --out`): runs with LiteRT, without TensorFlow")
+    r.add_argument("--run", help="a run folder, or a mean ensemble's folder (`ensemble --out`): runs with Keras")
+    r.add_argument("--heatmap", help="with --model: write where the model looks, over the image (a .png for one image, a folder for several)")
     r.add_argument("images", nargs="+")
     r.add_argument("--json", action="store_true")
     r.add_argument("--tta", type=int, default=1)
     r.set_defaults(func=_predict_cmd)
+
+    ex = sub.add_parser("export", help="write a bundle (LiteRT models, manifest, model card) that predicts without TensorFlow")
+    ex.add_argument("--run", required=True, help="an evaluated run folder or a mean ensemble's folder")
+    ex.add_argument("--out", required=True, help="the bundle folder to write")
+    ex.set_defaults(func=_export_cmd)
 
     st = sub.add_parser("stack", help="fit a decision layer (stacked models, optional metadata) on validation; score it on test")
     st.add_argument("runs", nargs="+", help="evaluated run folders that share a split")

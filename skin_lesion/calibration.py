@@ -12,11 +12,18 @@ point and logit adjustment, all fitted on the validation split only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from skin_lesion.info import CLASSES, MEL
-from skin_lesion.metrics import classification_metrics, lesion_resamples
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# The scikit-learn metrics are imported where a threshold is chosen or scored, so that applying
+# a fitted temperature and decision rule (``apply_temperature``, ``decide``) needs NumPy alone:
+# the exported bundle's TensorFlow-free predictor uses them.
 
 
 def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
@@ -83,6 +90,8 @@ def mel_threshold(
     bootstrap resamples of the rows, a margin for the sampling noise of a
     validation split with a few hundred melanomas, wider the fewer it holds.
     """
+    from skin_lesion.metrics import lesion_resamples
+
     point = _recall_threshold(probs[y == MEL, MEL], target_recall)
     if not confidence or not (y == MEL).any():
         return point
@@ -102,6 +111,8 @@ def operating_point(
     """The ``mel_operating_point`` record: how the threshold was chosen on
     validation, and accuracy, balanced accuracy, macro-F1 and melanoma
     recall / specificity on these (test) rows when it decides."""
+    from skin_lesion.metrics import classification_metrics
+
     at = classification_metrics(y, probs, decide(probs, threshold, offset))
     return dict(
         threshold=threshold, target_recall_on_val=target_recall, confidence=confidence, val_mel_recall=val_mel_recall,

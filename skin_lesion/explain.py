@@ -15,7 +15,7 @@ import pandas as pd
 import tensorflow as tf
 
 from skin_lesion.info import CLASSES
-from skin_lesion.models import last_conv_layer
+from skin_lesion.models import HEAD_PREFIX, last_conv_layer
 
 
 def gradcam_model(model: keras.Model, layer_name: str | None = None) -> keras.Model:
@@ -24,18 +24,29 @@ def gradcam_model(model: keras.Model, layer_name: str | None = None) -> keras.Mo
     return keras.Model(model.inputs, [model.get_layer(name).output, model.output])
 
 
-def make_gradcam_heatmap(images: np.ndarray, model: keras.Model, class_index: int | np.ndarray | None = None, layer_name: str | None = None) -> np.ndarray:
+def make_gradcam_heatmap(
+    images: np.ndarray, model: keras.Model, class_index: int | np.ndarray | None = None, layer_name: str | None = None, score: str = "probability"
+) -> np.ndarray:
     """Grad-CAM heatmaps in [0, 1], one per image (at the conv layer's resolution).
 
     ``class_index``: the class to explain per image; default the predicted one.
+    ``score``: the class's ``probability`` (keras-io's choice), or its ``logit``
+    (the head's dense output before the softmax): for a head of global pooling
+    then one dense layer, Grad-CAM of the logit is the class activation map
+    (Zhou et al., 2016) up to scale, which is what an exported bundle draws.
     """
     grad_model = gradcam_model(model, layer_name)
     x = tf.convert_to_tensor(images, tf.float32)
     with tf.GradientTape() as tape:
         conv, preds = grad_model(x, training=False)
         idx = tf.argmax(preds, axis=1) if class_index is None else tf.broadcast_to(tf.cast(class_index, tf.int64), [tf.shape(x)[0]])
-        score = tf.gather(preds, idx, axis=1, batch_dims=1)
-    grads = tape.gradient(score, conv)
+        if score == "logit":
+            head = model.get_layer(HEAD_PREFIX + "softmax")
+            scores = tf.reduce_mean(conv, axis=(1, 2)) @ head.kernel + head.bias
+        else:
+            scores = preds
+        target = tf.gather(scores, idx, axis=1, batch_dims=1)
+    grads = tape.gradient(target, conv)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # how much each channel matters
     cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1))
     cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-8)

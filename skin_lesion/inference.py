@@ -19,13 +19,18 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from skin_lesion.augment import LesionAugment
 from skin_lesion.calibration import apply_temperature, decide
 from skin_lesion.config import TrainConfig
 from skin_lesion.info import CLASSES, DataError
+from skin_lesion.losses import SmoothedSparseCrossentropy
+from skin_lesion.models import CaffePreprocess, PriorShift
 from skin_lesion.pipeline import make_pipeline, read_image
 from skin_lesion.runs import RunFolder
 
 log = logging.getLogger("skin_lesion")
+# The package's own layers and loss that saved models name; nothing else is loaded (safe mode).
+CUSTOM_OBJECTS = {cls.__name__: cls for cls in (LesionAugment, CaffePreprocess, PriorShift, SmoothedSparseCrossentropy)}
 
 
 # --------------------------------------------------------------------------- loading
@@ -49,7 +54,7 @@ def load_model_file(path: str | os.PathLike) -> keras.Model:
     if broken or not {"config.json", "model.weights.h5"} <= names:
         raise ModelFileError(f"{path}: not a complete .keras file ({'damaged member ' + broken if broken else 'no config or weights inside'}); copy or train it again")
     try:
-        return keras.models.load_model(path, safe_mode=True, compile=False)
+        return keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, safe_mode=True, compile=False)
     except ValueError as e:
         if "safe_mode" in str(e) or "Lambda" in str(e):
             raise ModelFileError(f"{path}: the file contains Python code (a lambda); not loaded, as safe mode refuses code in model files") from e
@@ -199,6 +204,10 @@ class Predictor:
         outs = self._all_members(*[tf.convert_to_tensor(batches[s], tf.float32) for s in self.sizes])
         out = [apply_temperature(o.numpy(), m.temperature) for o, m in zip(outs, self.members)]
         return apply_temperature(np.mean(out, axis=0), self.temperature)
+
+    def probs_sized(self, batches: dict[int, np.ndarray]) -> np.ndarray:
+        """Calibrated probabilities for a batch of preprocessed images given at every input size the members take."""
+        return self._mean(batches)
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities for a batch of (size, size, 3) images at the

@@ -54,3 +54,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A problem with the user's data or options: the message names the file and the fix."""
+
+
+class ImageError(UserError):
+    """An input file that is not a readable image: the message names it."""

@@ -27,13 +27,10 @@ import tensorflow as tf
 from skin_lesion.augment import make_augmenter
 from skin_lesion.config import IMBALANCE_METHODS
 from skin_lesion.data import label_ids
-from skin_lesion.info import CLASSES, DataError, UserError
+from skin_lesion.info import CLASSES, DataError, ImageError
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-class ImageError(UserError):
-    """An input file that is not a readable image: the message names it."""
+__all__ = ["AUTOTUNE", "ImageError", "Pipeline", "class_weights", "decode_resize", "load_images", "make_pipeline", "read_image", "sampling_prior", "undersample"]
 
 
 def decode_resize(path: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:

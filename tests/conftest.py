@@ -43,3 +43,15 @@ def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.C
     """Run ``python -m skin_lesion ARGS`` as a user would; returns the finished process."""
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     return subprocess.run([sys.executable, "-m", "skin_lesion", *args], cwd=ROOT, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(study_data, tmp_path_factory) -> Path:
+    """The smoke study trained and evaluated once per test session (real data where present,
+    else the demo set): what notebooks 02 and 03 make. The report test reuses these runs."""
+    from skin_lesion.study import evaluate_study, train_study
+
+    runs = tmp_path_factory.mktemp("smoke_study") / "runs"
+    train_study(runs, "smoke", study_data, seed=0, pretrained="efficientnet_lite0", verbose=0)
+    evaluate_study(runs, "smoke")
+    return runs

@@ -15,9 +15,10 @@ EDA = ["class_counts", "site_by_class", "age_by_class", "sex_by_class", "images_
 
 
 @pytest.fixture(scope="module")
-def report(study_data, tmp_path_factory) -> Path:
+def report(study_data, smoke_runs, tmp_path_factory) -> Path:
+    """The report, on the session's smoke runs: the notebooks reuse them (as a rerun of `make report` does) and evaluate them again."""
     out = tmp_path_factory.mktemp("report")
-    return build_report(profile="smoke", data=str(study_data), out=out / "reports", runs=out / "runs", progress=False)
+    return build_report(profile="smoke", data=str(study_data), out=out / "reports", runs=smoke_runs, progress=False)
 
 
 def test_notebooks_are_ordered_parameterised_and_stored_clean():
@@ -57,10 +58,10 @@ def test_report_holds_every_expected_figure(report, study_data):
     assert ("synthetic-banner" in html) == synthetic
 
 
-def test_decision_layer_weighs_the_backbone_runs_not_the_cnn(report):
+def test_decision_layer_weighs_the_backbone_runs_not_the_cnn(report, smoke_runs):
     import json
 
-    runs = report.parent.parent / "runs"
+    runs = smoke_runs
     stacked = json.loads((runs / "smoke_stacked" / "metrics.json").read_text())
     weighed = {m for c in stacked["candidates"] for m in c["models"].split("+")}
     assert "smoke_cnn" not in weighed
@@ -68,7 +69,7 @@ def test_decision_layer_weighs_the_backbone_runs_not_the_cnn(report):
         assert weighed == {"smoke_efficientnet_lite0", "smoke_efficientnet_lite0/average", "smoke_efficientnet_lite0_48"}
 
 
-def test_study_ensemble_is_the_mean_of_every_run_and_predicts_like_them(report, study_data):
+def test_study_ensemble_is_the_mean_of_every_run_and_predicts_like_them(report, study_data, smoke_runs):
     import json
 
     import numpy as np
@@ -80,7 +81,7 @@ def test_study_ensemble_is_the_mean_of_every_run_and_predicts_like_them(report, 
     from skin_lesion.runs import RunFolder
     from skin_lesion.study import STUDY_LOGIT_ADJUST
 
-    runs = report.parent.parent / "runs"
+    runs = smoke_runs
     folder = runs / "smoke_ensemble"
     members = [m.path for m in RunFolder(folder).members()]
     assert members[-1].resolve() == (runs / "smoke_cnn").resolve()  # every run is a member, the CNN last

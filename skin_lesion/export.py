@@ -1,0 +1,105 @@
+"""Export a trained run or mean ensemble as a bundle that runs without TensorFlow.
+
+Each member model becomes a LiteRT (``.tflite``) file whose graph takes the
+resized image (float32, [0, 255]) and returns the class probabilities and the
+last convolution's feature maps (for heatmaps). The bundle's manifest holds
+what ``bundle.Bundle`` needs to reproduce ``predict --run`` exactly, and
+``MODEL_CARD.md`` describes the model from the run's own files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from skin_lesion import __version__
+from skin_lesion.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, file_sha256
+from skin_lesion.card import model_card
+from skin_lesion.inference import load_run_model
+from skin_lesion.info import CLASSES, DataError
+from skin_lesion.models import HEAD_PREFIX, last_conv_layer
+from skin_lesion.runs import RunFolder, write_atomic
+
+log = logging.getLogger("skin_lesion")
+# How a bundle's user turns a file into the model's input; bundle.py implements it.
+RESIZE_RULE = {
+    "decode": "RGB; JPEG with libjpeg-turbo's fast integer DCT and fancy upsampling (TensorFlow's decode_jpeg defaults), other formats by Pillow",
+    "resize": "bilinear with antialiasing to image_size x image_size (tf.image.resize antialias=True: triangle kernel, half-pixel centres)",
+    "round": "to whole values, clipped to [0, 255], fed as float32",
+}
+
+
+def litert_model(model: keras.Model, image_size: int) -> bytes:
+    """The model as a LiteRT flatbuffer with outputs (probabilities, last conv features), one image a call.
+
+    Keras writes a SavedModel first and the TFLite converter reads it: converting
+    a traced function directly loses the variables of a Keras 3 model."""
+    features = model.get_layer(last_conv_layer(model)).output
+    serving = keras.Model(model.inputs, [model.output, features], name=f"{model.name}_serving")
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "saved_model"
+        serving.export(str(saved), format="tf_saved_model", input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="image")], verbose=False)
+        return tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
+
+
+def _head_weights(model: keras.Model) -> dict[str, np.ndarray]:
+    """The dense head's kernel and bias: what turns pooled features into class scores (for class activation maps)."""
+    kernel, bias = model.get_layer(HEAD_PREFIX + "softmax").get_weights()
+    return {"kernel": kernel, "bias": bias}
+
+
+def _check_exportable(folder: RunFolder) -> dict:
+    """The run's manifest, or a one-line error when it cannot be exported yet."""
+    if not folder.path.is_dir():
+        raise DataError(f"{folder.path}: run folder not found")
+    manifest = folder.manifest()
+    if manifest.get("kind") == "decision_layer":
+        raise DataError(f"{folder.path}: a decision layer scores saved predictions, not images; export a run or a mean ensemble")
+    if "temperature" not in manifest:
+        raise DataError(f"{folder.path}: not evaluated yet; run `python -m skin_lesion evaluate --run {folder.path}` first (the bundle carries the calibration fitted there)")
+    return manifest
+
+
+def export_bundle(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the bundle of a run or a mean ensemble into ``out``; returns ``out``."""
+    folder, out = RunFolder(run), Path(out)
+    manifest = _check_exportable(folder)
+    ensemble = bool(folder.members())
+    members = folder.members() or [folder]
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise DataError(f"{out}: exists and is not a bundle; choose an empty or new folder for --out")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    entries = []
+    for i, member in enumerate(members):
+        model, cfg = load_run_model(member.path)
+        tflite = out / f"member{i}.tflite"
+        tflite.write_bytes(litert_model(model, cfg.image_size))
+        np.savez(out / f"member{i}_head.npz", **_head_weights(model))
+        entries.append(dict(
+            run=member.label, model=cfg.model, file=tflite.name, sha256=file_sha256(tflite), image_size=cfg.image_size,
+            temperature=float(member.manifest().get("temperature", 1.0)), head=f"member{i}_head.npz", config=asdict(cfg),
+        ))
+        log.info("Exported %s (%s, %d px) -> %s", member.path, cfg.model, cfg.image_size, tflite)
+    bundle = dict(
+        format=BUNDLE_FORMAT, version=BUNDLE_VERSION, kind="mean_ensemble" if ensemble else "run", source=str(folder.path),
+        classes=list(CLASSES), members=entries,
+        # a single run's temperature is its member's; an ensemble's applies to the mean of its calibrated members
+        temperature=float(manifest["temperature"]) if ensemble else 1.0,
+        logit_offset=manifest.get("logit_offset") if ensemble else None,
+        mel_threshold=manifest.get("mel_threshold"), preprocessing=RESIZE_RULE, tta_views=1,
+        software=dict(skin_lesion=__version__, tensorflow=tf.__version__, keras=keras.__version__),
+    )
+    write_atomic(out / MANIFEST, json.dumps(bundle, indent=2))
+    write_atomic(out / "MODEL_CARD.md", model_card(folder, bundle))
+    return out
