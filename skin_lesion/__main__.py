@@ -135,6 +135,9 @@ def _evaluate_cmd(args) -> int:
 def _predictor(args):
     """The bundle's TensorFlow-free predictor (``--model``) or the Keras one (``--run``)."""
     if args.model:
+        # The resize's small matrix products run fastest on one BLAS thread (several threads
+        # spin-wait against each other and the model); set before NumPy loads.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         from skin_lesion.bundle import Bundle
 
         return Bundle(args.model)

@@ -19,6 +19,7 @@ rounded to whole values as training's decoder does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -81,6 +82,7 @@ def _decode_jpeg(data: bytes, path: Path) -> np.ndarray | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
     """The (out, in) matrix of TensorFlow's antialiased bilinear resampling along one axis
     (``ScaleAndTranslate`` with a triangle kernel, in float32 as it computes it)."""
@@ -105,9 +107,10 @@ def resize_like_training(rgb: np.ndarray, size: int) -> np.ndarray:
     """Resize uint8 RGB to (size, size, 3) as ``pipeline.decode_resize`` does; float32 whole values in [0, 255]."""
     h, w = rgb.shape[:2]
     rows, cols = _resize_weights(h, size), _resize_weights(w, size)
-    img = rgb.astype(np.float32)
-    out = np.einsum("oh,hwc->owc", rows, img, dtype=np.float32)  # rows first: the order that matches TensorFlow most often
-    out = np.einsum("pw,owc->opc", cols, out, dtype=np.float32)
+    img = rgb.astype(np.float32).reshape(h, w * 3)
+    out = (rows @ img).reshape(size, w, 3)  # rows first: the order that matches TensorFlow most often
+    out = cols @ np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(w, size * 3)  # then columns, as one contiguous product
+    out = out.reshape(size, size, 3).transpose(1, 0, 2)
     return np.clip(np.round(out), 0, 255).astype(np.float32)
 
 

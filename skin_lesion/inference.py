@@ -75,6 +75,8 @@ def check_model_matches(model: keras.Model, cfg: TrainConfig, path: Path) -> Non
 def load_run_model(run: str | os.PathLike) -> tuple[keras.Model, TrainConfig]:
     """The run's best model (safe mode: no pickle, no arbitrary code) and its config, checked against each other."""
     run = RunFolder(run)
+    if not run.path.is_dir():
+        raise DataError(f"{run.path}: run folder not found; pass --run a folder written by train (or ensemble)")
     cfg = run.config()
     model = load_model_file(run.model_file)
     check_model_matches(model, cfg, run.model_file)
@@ -172,7 +174,7 @@ class Predictor:
         if manifest.get("kind") == "decision_layer":
             raise DataError(f"{folder.path}: a decision layer scores saved predictions, not images; predict with a run or a mean ensemble")
         runs = folder.members() or [folder]
-        for member in runs:
+        for member in folder.members():  # a plain run's missing model is load_model_file's one line
             if not member.has_model():
                 raise DataError(f"{member.model_file}: missing; the ensemble {folder.path} lists this member: move the runs tree as a whole or rerun `ensemble`")
         self.members = []

@@ -299,14 +299,10 @@ def test_mirrored_strategy_on_two_logical_cpus_with_augmentation_in_the_model(de
     "args, message",
     [
         (("train", "--run", "{tmp}/none", "--resume"), "nothing to resume"),
-        (("evaluate", "--run", "{tmp}/none"), "none/config.json: missing"),
-        pytest.param(
-            ("predict", "--run", "{tmp}/none", "x.jpg"), "none/model.keras: model file not found; train the run first",
-            marks=pytest.mark.xfail(strict=True, reason=(
-                "inference.Predictor.__init__ checks every member's model.keras itself and, for a plain run "
-                "(no members), says 'missing; the ensemble RUN lists this member: ... rerun `ensemble`', "
-                "instead of load_model_file's 'model file not found; train the run first'")),
-        ),
+        (("evaluate", "--run", "{tmp}/none"), "none: run folder not found"),
+        (("predict", "--run", "{tmp}/none", "x.jpg"), "none: run folder not found"),
+        (("predict", "--model", "{tmp}/none", "x.jpg"), "none: bundle folder not found"),
+        (("export", "--run", "{tmp}/none", "--out", "{tmp}/b"), "none: run folder not found"),
         (("train", "--data", "{tmp}/no-such-folder", "--run", "{tmp}/r"), "data folder not found"),
         (("train", "--label-smoothing", "1.5", "--run", "{tmp}/r"), "label_smoothing must be in [0, 1)"),
     ],
@@ -318,7 +314,7 @@ def test_user_errors_are_one_line_and_nonzero(tmp_path, args, message):
 
 
 def test_help_for_every_command():
-    for cmd in ("train", "evaluate", "predict", "report", "data", "tune", "stack", "ensemble", "summarize"):
+    for cmd in ("train", "evaluate", "predict", "export", "report", "data", "tune", "stack", "ensemble", "summarize"):
         res = cli(cmd, "--help")
         assert res.returncode == 0 and "usage" in res.stdout
 
