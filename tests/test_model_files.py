@@ -93,9 +93,38 @@ def _config_not_json(run: Path, tmp: Path) -> Broken:
     return Broken(run, run / "config.json", ("cannot read the run config",))
 
 
+def _other_keras(run: Path, tmp: Path) -> Broken:
+    """A .keras file whose config names a layer class this Keras does not have, as a file from another version can."""
+    import zipfile
+
+    src = run / "model.keras"
+    data = {}
+    with zipfile.ZipFile(src) as z:
+        for name in z.namelist():
+            data[name] = z.read(name)
+    config = json.loads(data["config.json"])
+    config["config"]["layers"][-1]["class_name"] = "DenseFromAFutureKeras"
+    data["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(src, "w") as z:
+        for name, blob in data.items():
+            z.writestr(name, blob)
+    return Broken(run, src, ("cannot load it", "another Keras version"))
+
+
+def _other_classes(run: Path, tmp: Path) -> Broken:
+    """A model of the run's input size that gives 5 scores, not one per class."""
+    import keras
+
+    inp = keras.Input((64, 64, 3), name="image")
+    out = keras.layers.Dense(5, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inp))
+    keras.Model(inp, out).save(run / "model.keras")
+    return Broken(run, run / "model.keras", ("gives 5 scores", "not one per class"))
+
+
 CASES: dict[str, Callable[[Path, Path], Broken]] = {
     "missing": _missing, "truncated": _truncated, "not_a_zip": _not_a_zip, "lambda": _lambda,
     "wrong_size": _wrong_size, "ensemble_member_gone": _member_gone, "config_not_json": _config_not_json,
+    "other_keras": _other_keras, "other_classes": _other_classes,
 }
 
 
@@ -115,7 +144,7 @@ def test_predict_with_a_model_file_that_will_not_load_is_one_line(case, trained,
         assert not broken.marker.exists(), "the model file's code ran"
 
 
-FILE_CASES = ("missing", "truncated", "not_a_zip", "lambda")
+FILE_CASES = ("missing", "truncated", "not_a_zip", "lambda", "other_keras")
 
 
 @pytest.mark.parametrize("case", list(CASES))
