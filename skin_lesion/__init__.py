@@ -9,6 +9,8 @@ The public API a new experiment imports (``import skin_lesion as sl``)::
     run = sl.train(sl.TrainConfig(model="cnn", profile="smoke", run="runs/x"))
     result = sl.evaluate_run(run)               # an Evaluation; or images=..., labels=... for your own set
     sl.Predictor(run).predict_file("lesion.jpg")
+    sl.export_bundle(run, "bundles/x")          # LiteRT models + manifest + guard + model card
+    sl.Bundle("bundles/x").analyse_file("lesion.jpg")   # without TensorFlow; refuses non-dermatoscopic pictures
 
 Names load on first use, so ``import skin_lesion`` (and the command line's
 ``--help``) does not start TensorFlow.
@@ -35,6 +37,7 @@ _API: dict[str, str] = {
     "mean_runs": "ensemble",
     "Predictor": "inference",
     "make_gradcam_heatmap": "explain",
+    "export_bundle": "export", "Bundle": "bundle", "Guard": "guard", "create_app": "serve",
 }
 __all__ = sorted(_API)
 __version__ = "0.2.0"

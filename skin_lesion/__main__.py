@@ -1,5 +1,5 @@
 """The command line: ``python -m skin_lesion COMMAND`` (train, evaluate, predict,
-export, tune, report, data). A user error prints one line and exits non-zero; a bug
+export, serve, tune, report, data). A user error prints one line and exits non-zero; a bug
 still shows its traceback."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the user's way
 
 from skin_lesion.config import IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
-from skin_lesion.info import CLASS_DESCRIPTIONS, CLASSES, DISCLAIMER, UserError  # noqa: E402
+from skin_lesion.info import DISCLAIMER, UserError  # noqa: E402
 
 log = logging.getLogger("skin_lesion")
 
@@ -154,43 +154,65 @@ def _heatmap_path(target: str, image: str, many: bool) -> Path:
     return Path(target) / f"{Path(image).stem}_heatmap.png"
 
 
+def _predict_one(predictor, path: str, args, many: bool) -> dict:
+    """One image's record (the fields of ``predict --json``), with its heatmap written when asked."""
+    from skin_lesion.bundle import Analysis
+
+    if not args.model:  # the Keras path: no guard, no heatmap
+        probs = predictor.probs_file(path)
+        return Analysis(probs, predictor.label(probs), predictor.mel_threshold, recognised=None).record(path)
+    from skin_lesion.pixels import decode_rgb, save_heatmap
+
+    rgb = decode_rgb(path)
+    analysis = predictor.analyse(rgb, heatmap=bool(args.heatmap))
+    record = analysis.record(path, show_anyway=args.show_anyway)
+    if args.heatmap and "top3" in record:
+        record["heatmap"] = str(save_heatmap(_heatmap_path(args.heatmap, path, many), rgb, analysis.heatmap))
+    return record
+
+
+def _predict_line(r: dict) -> str:
+    """One image's answer as a line of text."""
+    refused = f"{r['message']} (guard score {r['guard_score']:.2f}; above 1 is refused)" if r["recognised"] is False else ""
+    if "top3" not in r:
+        return f"{r['image']}: {refused}"
+    top = ", ".join(f"{t['dx']} {t['probability']:.1%}" for t in r["top3"])
+    mel = "" if r["melanoma_above_threshold"] is None else "; melanoma above its operating threshold" if r["melanoma_above_threshold"] else ""
+    return (f"{r['image']}: {r['label']}, {r['label_name']} ({top}){mel}" + (f" -> {r['heatmap']}" if r.get("heatmap") else "")
+            + (f" [scored anyway: {refused}]" if refused else ""))
+
+
 def _predict_cmd(args) -> int:
     if bool(args.run) == bool(args.model):
         raise SystemExit("predict: pass --model BUNDLE (an exported bundle, no TensorFlow) or --run RUN (a run folder)")
-    if args.heatmap and not args.model:
-        raise SystemExit("predict: --heatmap draws from an exported bundle; pass --model BUNDLE (`export --run RUN --out BUNDLE` makes one)")
+    if (args.heatmap or args.show_anyway) and not args.model:
+        raise SystemExit("predict: --heatmap and --show-anyway work on an exported bundle; pass --model BUNDLE (`export --run RUN --out BUNDLE` makes one)")
     from skin_lesion.info import ImageError
 
     predictor = _predictor(args)
     failed, results = 0, []
     for path in args.images:
         try:
-            probs = predictor.probs_file(path)
-            heatmap = None
-            if args.heatmap:
-                from skin_lesion.bundle import save_heatmap
-
-                heatmap = save_heatmap(_heatmap_path(args.heatmap, path, len(args.images) > 1), path, predictor.heatmap_file(path))
+            record = _predict_one(predictor, path, args, many=len(args.images) > 1)
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        # the label is the top class, except where an ensemble's logit adjustment moves it to a rarer one
-        order = probs.argsort()[::-1][:3]
-        top, label = [(CLASSES[i], float(probs[i])) for i in order], predictor.label(probs)
-        result = {"image": path, "label": label, "label_name": CLASS_DESCRIPTIONS[label], "top3": [{"dx": c, "probability": round(p, 4)} for c, p in top]}
-        if args.model:
-            result["melanoma_above_threshold"] = predictor.mel_flag(probs)
-        if heatmap:
-            result["heatmap"] = str(heatmap)
-        results.append(result)
+        results.append(record)
         if not args.json:
-            print(f"{path}: {label}, {CLASS_DESCRIPTIONS[label]} (" + ", ".join(f"{c} {p:.1%}" for c, p in top) + ")" + (f" -> {heatmap}" if heatmap else ""))
+            print(_predict_line(record))
     if args.json:
         print(json.dumps({"predictions": results, "note": DISCLAIMER}, indent=2))
     else:
         print(DISCLAIMER)
     return 1 if failed else 0
+
+
+def _serve_cmd(args) -> int:
+    from skin_lesion.serve import serve
+
+    serve(args.model, host=args.host, port=args.port)
+    return 0
 
 
 def _export_cmd(args) -> int:
@@ -322,8 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heatmap", help="with --model: write where the model looks, over the image (a .png for one image, a folder for several)")
     r.add_argument("images", nargs="+")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--show-anyway", dest="show_anyway", action="store_true",
+                   help="with --model: also score images the out-of-distribution guard refuses as not dermatoscopic")
     r.add_argument("--tta", type=int, default=1)
     r.set_defaults(func=_predict_cmd)
+
+    sv = sub.add_parser("serve", help="a local web page and JSON API on an exported bundle")
+    sv.add_argument("--model", required=True, help="an exported bundle (`export --out`)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only; anything else is reachable from the network)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(func=_serve_cmd)
 
     ex = sub.add_parser("export", help="write a bundle (LiteRT models, manifest, model card) that predicts without TensorFlow")
     ex.add_argument("--run", required=True, help="an evaluated run folder or a mean ensemble's folder")

@@ -4,122 +4,35 @@ A bundle (``export --run RUN --out DIR``) is a folder a user can hand to a
 colleague: one ``.tflite`` file per member model, ``manifest.json`` with
 everything ``predict`` needs to reproduce the run's predictions (class order,
 input sizes, the resize rule, temperatures, an ensemble's logit adjustment,
-the melanoma threshold), and ``MODEL_CARD.md``. This module loads and runs
-one; it imports neither TensorFlow nor Keras, so a cold ``predict`` starts in
-a fraction of a second.
-
-Pixels: JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` with the
-fast integer DCT and fancy upsampling, the settings TensorFlow's decoder uses
-(Pillow's accurate DCT differs by up to 4 levels); other formats by Pillow
-(PNG is lossless, so any decoder agrees). ``resize_like_training`` resizes with
-the same antialiased bilinear filter as ``tf.image.resize(antialias=True)``
-(a triangle kernel widened by the downscale factor, half-pixel centres),
-rounded to whole values as training's decoder does.
+the melanoma threshold), the out-of-distribution guard (``guard.py``) and
+``MODEL_CARD.md``. This module loads and runs one; it imports neither
+TensorFlow nor Keras, so a cold ``predict`` starts in a fraction of a second.
+Pixels are decoded and resized as training does by ``pixels.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from skin_lesion.calibration import apply_temperature, decide
-from skin_lesion.info import CLASSES, ImageError, UserError
+from skin_lesion.guard import CHECKS, NOT_RECOGNISED, Guard, pixel_statistics, pooled
+from skin_lesion.info import CLASS_DESCRIPTIONS, CLASSES, MEL, UserError
+from skin_lesion.pixels import decode_rgb, resize_like_training
 
 BUNDLE_FORMAT = "skin_lesion.bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
-MAX_PIXELS = 64_000_000  # larger images are refused: a decompression bomb, not a photograph
 
 
 class BundleError(UserError):
     """A bundle that cannot be used: missing, corrupt, or not matching its manifest."""
-
-
-# --------------------------------------------------------------------------- pixels
-
-
-def decode_rgb(path: str | os.PathLike) -> np.ndarray:
-    """A JPEG/PNG file as uint8 RGB (grayscale replicated, alpha and palette dropped, as training's decoder does)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: file not found")
-    data = path.read_bytes()
-    if data[:3] == b"\xff\xd8\xff":
-        rgb = _decode_jpeg(data, path)
-        if rgb is not None:
-            return rgb
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {im.width}x{im.height} pixels is too large an image; pass a photograph of at most {MAX_PIXELS // 1_000_000} megapixels")
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: keep the high byte, as TensorFlow converts it
-                return np.repeat((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8)[..., None], 3, axis=-1)
-            return np.asarray(im.convert("RGB"))  # alpha dropped without compositing, palette expanded, as TensorFlow's decoder does
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}); pass a JPEG or PNG file") from e
-
-
-def _decode_jpeg(data: bytes, path: Path) -> np.ndarray | None:
-    """A JPEG decoded as TensorFlow decodes it (fast integer DCT, fancy upsampling); None for what
-    simplejpeg cannot read (say, CMYK), which Pillow then decodes."""
-    import simplejpeg
-
-    try:
-        width, height, _, _ = simplejpeg.decode_jpeg_header(data)
-        if width * height > MAX_PIXELS:
-            raise ImageError(f"{path}: {width}x{height} pixels is too large an image; pass a photograph of at most {MAX_PIXELS // 1_000_000} megapixels")
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
-    except ValueError:
-        return None
-
-
-@functools.lru_cache(maxsize=64)
-def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
-    """The (out, in) matrix of TensorFlow's antialiased bilinear resampling along one axis
-    (``ScaleAndTranslate`` with a triangle kernel, in float32 as it computes it)."""
-    inv_scale = np.float32(in_size) / np.float32(out_size)
-    kernel_scale = max(float(inv_scale), 1.0)
-    weights = np.zeros((out_size, in_size), np.float32)
-    for x in range(out_size):
-        sample = np.float32(x + 0.5) * inv_scale
-        if sample < 0 or sample > in_size:
-            continue
-        start = int(np.clip(np.ceil(sample - kernel_scale - 0.5), 0, in_size - 1))
-        end = int(np.clip(np.floor(sample + kernel_scale - 0.5), 0, in_size - 1)) + 1
-        source = np.arange(start, end, dtype=np.float32)
-        w = np.maximum(np.float32(0), np.float32(1) - np.abs((source + np.float32(0.5) - sample) * np.float32(1 / kernel_scale))).astype(np.float32)
-        total = w.sum(dtype=np.float32)
-        if total > 0:
-            weights[x, start:end] = w * np.float32(1 / total)
-    return weights
-
-
-def resize_like_training(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 RGB to (size, size, 3) as ``pipeline.decode_resize`` does; float32 whole values in [0, 255]."""
-    h, w = rgb.shape[:2]
-    rows, cols = _resize_weights(h, size), _resize_weights(w, size)
-    img = rgb.astype(np.float32).reshape(h, w * 3)
-    out = (rows @ img).reshape(size, w, 3)  # rows first: the order that matches TensorFlow most often
-    out = cols @ np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(w, size * 3)  # then columns, as one contiguous product
-    out = out.reshape(size, size, 3).transpose(1, 0, 2)
-    return np.clip(np.round(out), 0, 255).astype(np.float32)
-
-
-def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """One image file, decoded and resized for a model that takes ``size`` px."""
-    return resize_like_training(decode_rgb(path), size)
-
-
-# --------------------------------------------------------------------------- the bundle
 
 
 def file_sha256(path: Path) -> str:
@@ -185,13 +98,56 @@ def _load_member(folder: Path, entry: dict, threads: int) -> BundleMember:
     return BundleMember(entry["run"], size, float(entry["temperature"]), runner, head)
 
 
+@dataclass
+class Analysis:
+    """What the bundle says about one image: calibrated probabilities, the decided label, the
+    melanoma flag, the guard's verdict and (when asked) the heatmap of the decided class."""
+
+    probs: np.ndarray
+    label: str
+    mel_threshold: float | None
+    recognised: bool | None  # None: no guard checked it (the Keras path)
+    guard_scores: np.ndarray | None = None  # each check's distance over its threshold: above 1 is refused
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        """The ``k`` most probable (class, probability) pairs."""
+        order = np.argsort(-self.probs)[:k]
+        return [(CLASSES[i], float(self.probs[i])) for i in order]
+
+    @property
+    def mel_above_threshold(self) -> bool | None:
+        """Whether p(melanoma) reaches the operating threshold chosen on validation (None without one)."""
+        return None if self.mel_threshold is None else bool(self.probs[MEL] >= self.mel_threshold)
+
+    def record(self, image: str, show_anyway: bool = False) -> dict:
+        """The fields ``predict --json`` prints and the API returns; a refused image has no scores unless ``show_anyway``."""
+        out: dict[str, Any] = {"image": image, "recognised": self.recognised}
+        if self.guard_scores is not None:
+            out["guard_score"] = round(float(self.guard_scores.max()), 3)
+            out["guard_checks"] = {name: round(float(v), 3) for name, v in zip(CHECKS, self.guard_scores)}
+        if self.recognised is False:
+            out["message"] = NOT_RECOGNISED
+            if not show_anyway:
+                return out
+        out.update(
+            label=self.label, label_name=CLASS_DESCRIPTIONS[self.label],
+            top3=[{"dx": c, "name": CLASS_DESCRIPTIONS[c], "probability": round(p, 4)} for c, p in self.top(3)],
+            melanoma_probability=round(float(self.probs[MEL]), 4),
+            melanoma_threshold=None if self.mel_threshold is None else round(float(self.mel_threshold), 4),
+            melanoma_above_threshold=self.mel_above_threshold,
+        )
+        return out
+
+
 class Bundle:
-    """A loaded bundle: calibrated probabilities, the decided label and heatmaps for image files.
+    """A loaded bundle: calibrated probabilities, the decided label, the guard's verdict and heatmaps.
 
     For a mean ensemble each member scores the image at its own input size,
     the mean of their calibrated probabilities gets the ensemble's temperature,
     and the label comes from its decision rule: exactly what ``predict --run``
-    does with the Keras models.
+    does with the Keras models. Heatmaps and the guard use the features of one
+    member (``feature_member``, the one with the largest input).
     """
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
@@ -204,14 +160,28 @@ class Bundle:
         self.offset = np.asarray(offset, dtype=float) if offset is not None else None
         self.mel_threshold = self.manifest.get("mel_threshold")
         self.sizes = sorted({m.image_size for m in self.members})
+        with_head = [i for i, m in enumerate(self.members) if m.head is not None]
+        self.feature_member = max(with_head, key=lambda i: self.members[i].image_size) if with_head else None
+        self.guard = _load_guard(self.folder, self.manifest.get("guard"))
 
     def _run(self, member: BundleMember, image: np.ndarray) -> dict[str, np.ndarray]:
         return member.runner(image=image[None].astype(np.float32))
 
+    def _combine(self, outputs: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """The bundle's calibrated probabilities from its members' outputs."""
+        calibrated = [apply_temperature(o["output_0"].astype(np.float64), m.temperature) for o, m in zip(outputs, self.members)]
+        return apply_temperature(np.mean(calibrated, axis=0), self.temperature)[0]
+
     def probs_sized(self, images: dict[int, np.ndarray]) -> np.ndarray:
         """Calibrated probabilities from one preprocessed (size, size, 3) image per input size the members take."""
-        out = [apply_temperature(self._run(m, images[m.image_size])["output_0"].astype(np.float64), m.temperature) for m in self.members]
-        return apply_temperature(np.mean(out, axis=0), self.temperature)[0]
+        return self._combine([self._run(m, images[m.image_size]) for m in self.members])
+
+    def guard_inputs(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What the guard measures of a decoded image: the feature member's pooled features and the
+        pixel statistics of the image at that member's input size."""
+        member = self._feature_member()
+        image = resize_like_training(rgb, member.image_size)
+        return pooled(self._run(member, image)["output_1"][0]), pixel_statistics(image)
 
     def probs_file(self, path: str | os.PathLike) -> np.ndarray:
         """Calibrated class probabilities for one image file (decoded once, resized once per input size)."""
@@ -224,42 +194,71 @@ class Bundle:
 
     def mel_flag(self, probs: np.ndarray) -> bool | None:
         """Whether p(melanoma) reaches the operating threshold chosen on validation (None without one)."""
-        return None if self.mel_threshold is None else bool(probs[CLASSES.index("mel")] >= self.mel_threshold)
+        return None if self.mel_threshold is None else bool(probs[MEL] >= self.mel_threshold)
+
+    def _feature_member(self) -> BundleMember:
+        if self.feature_member is None:
+            raise BundleError(f"{self.folder}: no member exported its feature maps; export the bundle again")
+        return self.members[self.feature_member]
+
+    def analyse(self, rgb: np.ndarray, heatmap: bool = False, class_index: int | None = None) -> Analysis:
+        """Everything about one decoded image, each member run once: probabilities, label, the guard's
+        verdict and, with ``heatmap``, the class activation map of the decided class (or ``class_index``).
+
+        The map is the head's weights for the class times the feature maps,
+        summed over channels, negatives set to zero, scaled to [0, 1]; for a
+        head of global pooling then one dense layer this equals Grad-CAM of
+        the class's logit up to scale.
+        """
+        images = {s: resize_like_training(rgb, s) for s in self.sizes}
+        outputs = [self._run(m, images[m.image_size]) for m in self.members]
+        probs = self._combine(outputs)
+        label = self.label(probs)
+        result = Analysis(probs, label, self.mel_threshold, recognised=None if self.guard is None else True)
+        if self.guard is not None or heatmap:
+            member = self._feature_member()
+            features = outputs[self.feature_member]["output_1"][0]
+            if self.guard is not None:
+                result.guard_scores = self.guard.scores(pooled(features), pixel_statistics(images[member.image_size]))[0]
+                result.recognised = bool(result.guard_scores.max() <= 1.0)
+            if heatmap:
+                c = CLASSES.index(label) if class_index is None else class_index
+                cam = np.maximum(features @ member.head[:-1, c], 0)
+                result.heatmap = cam / (cam.max() + 1e-8)
+        return result
+
+    def analyse_file(self, path: str | os.PathLike, heatmap: bool = False) -> Analysis:
+        """``analyse`` for an image file."""
+        return self.analyse(decode_rgb(path), heatmap=heatmap)
 
     def heatmap_file(self, path: str | os.PathLike, class_index: int | None = None) -> np.ndarray:
-        """A class activation map in [0, 1] over the image, for the decided class by default.
-
-        From the first member that exported its last convolution: the head's
-        weights for the class times the feature maps, summed over channels,
-        negatives set to zero. For a head of global pooling then one dense
-        layer this equals Grad-CAM of the class's logit up to scale.
-        """
-        member = next((m for m in self.members if m.head is not None), None)
-        if member is None:
-            raise BundleError(f"{self.folder}: no member exported its feature maps; export the bundle again")
-        rgb = decode_rgb(path)
-        probs = self.probs_sized({s: resize_like_training(rgb, s) for s in self.sizes})
-        c = CLASSES.index(self.label(probs)) if class_index is None else class_index
-        features = self._run(member, resize_like_training(rgb, member.image_size))["output_1"][0]
-        cam = np.maximum(features @ member.head[:-1, c], 0)
-        return cam / (cam.max() + 1e-8)
+        """The class activation map in [0, 1] of one image file, for the decided class by default."""
+        return self.analyse(decode_rgb(path), heatmap=True, class_index=class_index).heatmap
 
     def predict_file(self, path: str | os.PathLike, top: int = 3) -> list[tuple[str, float]]:
         """Top ``top`` (class, probability) for one image file."""
-        probs = self.probs_file(path)
-        order = np.argsort(-probs)[:top]
-        return [(CLASSES[i], float(probs[i])) for i in order]
+        return self.analyse_file(path).top(top)
+
+    def describe(self) -> dict:
+        """What the bundle holds, for ``/api/health`` and logs."""
+        m = self.manifest
+        return dict(
+            kind=m.get("kind"), source=m.get("source"), classes=m["classes"], guard=self.guard is not None,
+            members=[dict(run=e["run"], model=e.get("model"), image_size=e["image_size"]) for e in m["members"]],
+            mel_threshold=self.mel_threshold, software=m.get("software"),
+        )
 
 
-def save_heatmap(path: str | os.PathLike, image_path: str | os.PathLike, heatmap: np.ndarray, alpha: float = 0.45) -> Path:
-    """The heatmap over the image, as a PNG (jet colours, nearest-free bilinear upscaling by Pillow)."""
-    from PIL import Image
-
-    rgb = decode_rgb(image_path)
-    heat = Image.fromarray(np.uint8(np.clip(heatmap, 0, 1) * 255)).resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.BILINEAR)
-    h = np.asarray(heat, dtype=np.float32) / 255
-    # the jet colour map, piecewise linear (matplotlib is not needed to draw it)
-    colours = np.stack([np.clip(1.5 - np.abs(4 * h - 3), 0, 1), np.clip(1.5 - np.abs(4 * h - 2), 0, 1), np.clip(1.5 - np.abs(4 * h - 1), 0, 1)], -1) * 255
-    out = np.clip(rgb * (1 - alpha) + colours * alpha, 0, 255).astype(np.uint8)
-    Image.fromarray(out).save(path)
-    return Path(path)
+def _load_guard(folder: Path, entry: dict | None) -> Guard | None:
+    """The bundle's out-of-distribution guard, checked against the manifest (None for a bundle without one)."""
+    if not entry:
+        return None
+    path = folder / entry["file"]
+    if not path.exists():
+        raise BundleError(f"{path}: missing; the bundle's manifest lists it: copy the whole bundle folder")
+    if file_sha256(path) != entry["sha256"]:
+        raise BundleError(f"{path}: damaged or replaced (its SHA-256 does not match the manifest); copy or export the bundle again")
+    try:
+        return Guard.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise BundleError(f"{path}: not a readable guard file ({e}); export the bundle again") from e

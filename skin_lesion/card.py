@@ -72,8 +72,9 @@ Research and teaching on skin-lesion classification from dermatoscopic
 images: comparing methods, studying errors and calibration. It is **not a
 medical device and not a diagnosis**; it was not validated prospectively or
 on any population beyond its training data. It scores dermatoscopic images
-only: any picture at all gets a diagnosis, so a user must make sure the
-input is a dermatoscopic image of a skin lesion.
+only; its out-of-distribution guard refuses many pictures that are not (see
+"Known limits"), but a user must still make sure the input is a dermatoscopic
+image of a skin lesion.
 
 ## Model
 
@@ -118,10 +119,21 @@ The groups of test images with the lowest balanced accuracy:
   performance on darker skin is unknown.
 - Rare classes (dermatofibroma, vascular lesions) have few test images: their
   figures are uncertain.
-- A non-dermatoscopic picture still gets one of the 7 labels.
+{_guard_line(bundle.get("guard"))}
 
 Software: skin_lesion {bundle["software"]["skin_lesion"]}, TensorFlow {bundle["software"]["tensorflow"]}, Keras {bundle["software"]["keras"]}.
 """
+
+
+def _guard_line(guard: dict | None) -> str:
+    """The model card's sentence on the out-of-distribution guard."""
+    if not guard:
+        return "- No out-of-distribution guard: a non-dermatoscopic picture still gets one of the 7 labels."
+    return (f"- An out-of-distribution guard refuses images whose features (member {guard['member']}'s pooled last convolution) or "
+            f"pixel statistics (colour, edges, detail) lie further from the {guard['fitted_on']['train']} training images' than "
+            f"thresholds set to refuse at most {guard['reject_target']:.0%} of the {guard['fitted_on']['validation']} validation images "
+            f"({guard['reject_on_validation']:.1%} refused). It catches pictures far from dermatoscopy (photos, screenshots, blank or "
+            "noisy frames); it is not a check of image quality, and a close-up of skin that is not a lesion may pass.")
 
 
 def first_tau(metrics: dict) -> float | None:

@@ -22,11 +22,14 @@ import numpy as np
 import tensorflow as tf
 
 from skin_lesion import __version__
-from skin_lesion.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, file_sha256
+from skin_lesion.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Bundle, file_sha256
 from skin_lesion.card import model_card
+from skin_lesion.evaluate import run_frames
+from skin_lesion.guard import REJECT_ON_VALIDATION, fit_guard
 from skin_lesion.inference import load_run_model
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.models import HEAD_PREFIX, last_conv_layer
+from skin_lesion.pixels import decode_rgb
 from skin_lesion.runs import RunFolder, write_atomic
 
 log = logging.getLogger("skin_lesion")
@@ -101,5 +104,38 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike) -> Path:
         software=dict(skin_lesion=__version__, tensorflow=tf.__version__, keras=keras.__version__),
     )
     write_atomic(out / MANIFEST, json.dumps(bundle, indent=2))
+    bundle["guard"] = fit_bundle_guard(out, members[0])
+    write_atomic(out / MANIFEST, json.dumps(bundle, indent=2))
     write_atomic(out / "MODEL_CARD.md", model_card(folder, bundle))
     return out
+
+
+def fit_bundle_guard(out: Path, run: RunFolder, reject: float = REJECT_ON_VALIDATION) -> dict:
+    """Fit the out-of-distribution guard of the bundle in ``out`` on the run's training split and set its
+    threshold on the validation split; writes ``guard.npz`` and returns the manifest's entry for it.
+
+    Features come from the bundle itself (its TensorFlow-free decoder and LiteRT model), so the
+    guard measures exactly what ``predict`` computes; the test split is not read."""
+    meta, _ = run_frames(run.path)
+    bundle = Bundle(out)
+    size = bundle.members[bundle.feature_member].image_size
+
+    def measured(rows) -> tuple[np.ndarray, np.ndarray]:
+        features, statistics = zip(*(bundle.guard_inputs(decode_rgb(p)) for p in rows["path"]))
+        return np.stack(features), np.stack(statistics)
+
+    train, validation = meta[meta["split"] == "train"], meta[meta["split"] == "val"]
+    if train.empty or validation.empty:
+        raise DataError(f"{run.split_file}: the guard needs training and validation images; export a run trained with a validation split")
+    log.info("Fitting the out-of-distribution guard on %d training and %d validation images (%d px)", len(train), len(validation), size)
+    (train_features, train_statistics), (val_features, val_statistics) = measured(train), measured(validation)
+    guard = fit_guard(train_features, train["dx"].to_numpy(), train_statistics, val_features, val_statistics, reject)
+    path = guard.save(out / "guard.npz")
+    return dict(
+        file=path.name, sha256=file_sha256(path), member=bundle.feature_member, image_size=size,
+        checks=dict(features="Mahalanobis distance of the pooled last-convolution features to the nearest class mean (shared Ledoit-Wolf covariance)",
+                    pixels="Mahalanobis distance of ten colour, edge and detail statistics of the resized image to the training images'"),
+        thresholds=dict(features=guard.features.threshold, pixels=guard.pixels.threshold),
+        fitted_on=dict(train=len(train), validation=len(validation)),
+        reject_on_validation=guard.reject_on_validation, reject_target=reject,
+    )

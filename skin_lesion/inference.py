@@ -188,6 +188,7 @@ class Predictor:
         offset = manifest.get("logit_offset") if ensemble else None
         self.offset = np.asarray(offset, dtype=float) if offset is not None else None
         self.sizes = sorted({m.image_size for m in self.members})
+        self.mel_threshold = manifest.get("mel_threshold")
         self._all_members = self._one_graph()
 
     def _one_graph(self):

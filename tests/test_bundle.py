@@ -1,7 +1,8 @@
 """The exported bundle: LiteRT models that reproduce the Keras run without TensorFlow.
 
-On the session's smoke study (real HAM10000 where present): a single run and
-the study's mean ensemble, whose members take 64 and 48 px inputs.
+On the session's smoke study (trained on the demo set), scored on real
+HAM10000 images where present: a single run and the study's mean ensemble,
+whose members take 64 and 48 px inputs.
 """
 
 from __future__ import annotations
@@ -14,68 +15,45 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import ROOT, cli
 
 from skin_lesion.info import CLASSES
 
-N_IMAGES = 200
-
-
-@pytest.fixture(scope="module")
-def bundles(smoke_runs, tmp_path_factory) -> dict[str, Path]:
-    """Bundles of the pretrained run and of the study's ensemble, made through the command line."""
-    out = tmp_path_factory.mktemp("bundles")
-    made = {}
-    for name in ("smoke_efficientnet_lite0", "smoke_ensemble"):
-        res = cli("export", "--run", str(smoke_runs / name), "--out", str(out / name))
-        assert res.returncode == 0, res.stderr[-3000:]
-        made[name] = out / name
-    return made
-
-
-@pytest.fixture(scope="module")
-def image_paths(study_data) -> list[Path]:
-    """Up to 200 images of the study's data (all real HAM10000 JPEGs where present)."""
-    meta = pd.read_csv(study_data / "HAM10000_metadata.csv")
-    paths = [study_data / "images" / f"{i}.jpg" for i in meta["image_id"]]
-    return [p for p in paths if p.exists()][:N_IMAGES]
-
 
 @pytest.mark.parametrize("name", ["smoke_efficientnet_lite0", "smoke_ensemble"])
-def test_bundle_matches_the_keras_run_on_the_same_input(bundles, smoke_runs, image_paths, name):
+def test_bundle_matches_the_keras_run_on_the_same_input(bundles, smoke_runs, lesion_images, name):
     from skin_lesion.bundle import Bundle
     from skin_lesion.inference import Predictor
     from skin_lesion.pipeline import read_image
 
     bundle, keras_path = Bundle(bundles[name]), Predictor(smoke_runs / name)
     assert bundle.sizes == keras_path.sizes
-    batches = {s: np.stack([read_image(p, s) for p in image_paths]) for s in bundle.sizes}
+    batches = {s: np.stack([read_image(p, s) for p in lesion_images]) for s in bundle.sizes}
     expected = keras_path.probs_sized(batches)
-    got = np.stack([bundle.probs_sized({s: batches[s][i] for s in bundle.sizes}) for i in range(len(image_paths))])
+    got = np.stack([bundle.probs_sized({s: batches[s][i] for s in bundle.sizes}) for i in range(len(lesion_images))])
     assert np.abs(got - expected).max() <= 1e-4
     assert [bundle.label(p) for p in got] == [keras_path.label(p) for p in expected]
     if name == "smoke_ensemble":
         assert len(bundle.sizes) > 1 and bundle.offset is not None  # members at two input sizes, logit-adjusted labels
 
 
-def test_tf_free_preprocessing_matches_training_and_labels_agree_end_to_end(bundles, smoke_runs, image_paths):
+def test_tf_free_preprocessing_matches_training_and_labels_agree_end_to_end(bundles, smoke_runs, lesion_images):
     from skin_lesion import bundle as tf_free
-    from skin_lesion import pipeline
+    from skin_lesion import pipeline, pixels
     from skin_lesion.inference import Predictor
 
-    worst = max(float(np.abs(tf_free.read_image(p, s) - pipeline.read_image(p, s)).max()) for p in image_paths for s in (64, 48, 224))
-    print(f"largest pixel difference, TensorFlow-free against training's decoder, {len(image_paths)} images at 48, 64, 224 px: {worst}")
+    worst = max(float(np.abs(pixels.read_image(p, s) - pipeline.read_image(p, s)).max()) for p in lesion_images for s in (64, 48, 224))
+    print(f"largest pixel difference, TensorFlow-free against training's decoder, {len(lesion_images)} images at 48, 64, 224 px: {worst}")
     assert worst <= 1
     b, k = tf_free.Bundle(bundles["smoke_ensemble"]), Predictor(smoke_runs / "smoke_ensemble")
-    assert [b.label(b.probs_file(p)) for p in image_paths] == [k.label(k.probs_file(p)) for p in image_paths]
+    assert [b.label(b.probs_file(p)) for p in lesion_images] == [k.label(k.probs_file(p)) for p in lesion_images]
 
 
-def test_predict_with_a_bundle_never_imports_tensorflow_or_keras(bundles, image_paths, tmp_path):
+def test_predict_with_a_bundle_never_imports_tensorflow_or_keras(bundles, demo_images, tmp_path):
     probe = (
         "import sys, runpy\n"
-        f"sys.argv = ['skin_lesion', 'predict', '--model', {str(bundles['smoke_ensemble'])!r}, '--json', '--heatmap', {str(tmp_path / 'heat.png')!r}, {str(image_paths[0])!r}]\n"
+        f"sys.argv = ['skin_lesion', 'predict', '--model', {str(bundles['smoke_ensemble'])!r}, '--json', '--heatmap', {str(tmp_path / 'heat.png')!r}, {str(demo_images[0])!r}]\n"
         "try:\n    runpy.run_module('skin_lesion', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'sklearn', 'matplotlib'})\n"
         "print('HEAVY', heavy)\n"
@@ -88,7 +66,7 @@ def test_predict_with_a_bundle_never_imports_tensorflow_or_keras(bundles, image_
     assert (tmp_path / "heat.png").stat().st_size > 1000
 
 
-def test_bundle_heatmap_is_gradcam_of_the_logit_up_to_scale(bundles, smoke_runs, image_paths):
+def test_bundle_heatmap_is_gradcam_of_the_logit_up_to_scale(bundles, smoke_runs, lesion_images):
     from skin_lesion.bundle import Bundle
     from skin_lesion.explain import make_gradcam_heatmap
     from skin_lesion.inference import load_run_model
@@ -97,19 +75,19 @@ def test_bundle_heatmap_is_gradcam_of_the_logit_up_to_scale(bundles, smoke_runs,
     name = "smoke_efficientnet_lite0"
     bundle = Bundle(bundles[name])
     model, cfg = load_run_model(smoke_runs / name)
-    for path in image_paths[:5]:
+    for path in lesion_images[:5]:
         c = CLASSES.index(bundle.label(bundle.probs_file(path)))
         cam = bundle.heatmap_file(path, class_index=c)
         grad = make_gradcam_heatmap(read_image(path, cfg.image_size)[None], model, class_index=c, score="logit")[0]
         np.testing.assert_allclose(cam, grad, atol=1e-3)
 
 
-def test_model_card_is_written_from_the_run(bundles, smoke_runs, study_data):
+def test_model_card_is_written_from_the_run(bundles, smoke_runs, demo_dir):
     card = (bundles["smoke_ensemble"] / "MODEL_CARD.md").read_text()
     metrics = json.loads((smoke_runs / "smoke_ensemble" / "metrics.json").read_text())
     assert "not a diagnosis" in card and "split by **lesion**" in card
     assert f"balanced accuracy {metrics['calibrated']['balanced_accuracy']:.3f} [" in card
-    synthetic = (Path(study_data) / "SYNTHETIC_DEMO").exists()
+    synthetic = (Path(demo_dir) / "SYNTHETIC_DEMO").exists()
     assert ("SYNTHETIC" in card) == synthetic and ("CC BY-NC 4.0" in card) != synthetic
     manifest = json.loads((bundles["smoke_ensemble"] / "manifest.json").read_text())
     assert manifest["classes"] == list(CLASSES) and manifest["logit_offset"] and manifest["mel_threshold"] is not None
@@ -139,6 +117,10 @@ def _broken_copy(bundle: Path, tmp_path: Path, how: str) -> Path:
     elif how == "missing_manifest":
         (out / "manifest.json").unlink()
         return out
+    elif how == "missing_guard":
+        (out / "guard.npz").unlink()
+    elif how == "damaged_guard":
+        (out / "guard.npz").write_bytes(b"PK" + os.urandom(512))
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -151,10 +133,12 @@ def _broken_copy(bundle: Path, tmp_path: Path, how: str) -> Path:
     ("manifest_not_json", "not valid JSON"),
     ("other_classes", "another label set"),
     ("missing_manifest", "manifest.json: missing"),
+    ("missing_guard", "guard.npz: missing"),
+    ("damaged_guard", "damaged or replaced"),
 ])
-def test_a_broken_bundle_is_one_line_and_exit_2(bundles, image_paths, tmp_path, how, says):
+def test_a_broken_bundle_is_one_line_and_exit_2(bundles, lesion_images, tmp_path, how, says):
     broken = _broken_copy(bundles["smoke_efficientnet_lite0"], tmp_path, how)
-    res = cli("predict", "--model", str(broken), str(image_paths[0]))
+    res = cli("predict", "--model", str(broken), str(lesion_images[0]))
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and says in lines[0] and "Traceback" not in res.stderr, res.stderr[-2000:]

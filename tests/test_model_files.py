@@ -44,7 +44,7 @@ class Broken:
 
 def _missing(run: Path, tmp: Path) -> Broken:
     (run / "model.keras").unlink()
-    return Broken(run, run / "model.keras", ("missing",))
+    return Broken(run, run / "model.keras", ("not found",))
 
 
 def _truncated(run: Path, tmp: Path) -> Broken:

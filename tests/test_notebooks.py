@@ -1,5 +1,5 @@
-"""The study end to end: every notebook headless in the smoke profile (real data
-where present, else the synthetic demo set), and the figures report."""
+"""The study end to end: every notebook headless in the smoke profile on the
+session's smoke study (the 250-image demo set), and the figures report."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ EDA = ["class_counts", "site_by_class", "age_by_class", "sex_by_class", "images_
 
 
 @pytest.fixture(scope="module")
-def report(study_data, smoke_runs, tmp_path_factory) -> Path:
+def report(demo_dir, smoke_runs, tmp_path_factory) -> Path:
     """The report, on the session's smoke runs: the notebooks reuse them (as a rerun of `make report` does) and evaluate them again."""
     out = tmp_path_factory.mktemp("report")
-    return build_report(profile="smoke", data=str(study_data), out=out / "reports", runs=smoke_runs, progress=False)
+    return build_report(profile="smoke", data=str(demo_dir), out=out / "reports", runs=smoke_runs, progress=False)
 
 
 def test_notebooks_are_ordered_parameterised_and_stored_clean():
@@ -31,7 +31,7 @@ def test_notebooks_are_ordered_parameterised_and_stored_clean():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{path.name} stored with outputs"
 
 
-def test_report_holds_every_expected_figure(report, study_data):
+def test_report_holds_every_expected_figure(report, demo_dir):
     html = report.read_text()
     figures = report.parent / "figures"
     names = {p.stem for p in figures.glob("*.png")}
@@ -54,7 +54,7 @@ def test_report_holds_every_expected_figure(report, study_data):
         assert f"data-figure='{n}'" in html, n
         assert (figures / f"{n}.png").stat().st_size > 5000
     assert len(re.findall(r"src='data:image/png;base64,", html)) >= len(expected)  # self-contained
-    synthetic = (Path(study_data) / "SYNTHETIC_DEMO").exists()
+    synthetic = (Path(demo_dir) / "SYNTHETIC_DEMO").exists()
     assert ("synthetic-banner" in html) == synthetic
 
 
@@ -69,7 +69,7 @@ def test_decision_layer_weighs_the_backbone_runs_not_the_cnn(report, smoke_runs)
         assert weighed == {"smoke_efficientnet_lite0", "smoke_efficientnet_lite0/average", "smoke_efficientnet_lite0_48"}
 
 
-def test_study_ensemble_is_the_mean_of_every_run_and_predicts_like_them(report, study_data, smoke_runs):
+def test_study_ensemble_is_the_mean_of_every_run_and_predicts_like_them(report, demo_dir, smoke_runs):
     import json
 
     import numpy as np
@@ -98,7 +98,7 @@ def test_study_ensemble_is_the_mean_of_every_run_and_predicts_like_them(report, 
     offset, thr = np.array(metrics["logit_adjust"]["offset"]), metrics["mel_operating_point"]["threshold"]
     assert list(mine["pred_dx"]) == [CLASSES[i] for i in decide(mine[list(CLASSES)].to_numpy(), thr, offset)]
     # predict scores a file the same way, each member at its own input size
-    image = next(p for p in sorted((Path(study_data) / "images").iterdir()) if p.stem == mine["image_id"].iloc[0])
+    image = next(p for p in sorted((Path(demo_dir) / "images").iterdir()) if p.stem == mine["image_id"].iloc[0])
     p = Predictor(folder).probs_file(image)
     singles = [Predictor(m).probs_file(image) for m in members]
     np.testing.assert_allclose(p, apply_temperature(np.mean(singles, 0)[None], metrics["temperature"])[0], atol=1e-5)

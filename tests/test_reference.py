@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from skin_lesion.info import CLASSES
 
@@ -42,21 +41,10 @@ def _strip_paths(metrics: dict) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def study(demo_dir, tmp_path_factory) -> Path:
-    """The smoke study trained and evaluated with the current code, as notebooks 02 and 03 run it."""
-    from skin_lesion.study import evaluate_study, train_study
-
-    runs = tmp_path_factory.mktemp("reference") / "runs"
-    train_study(runs, "smoke", demo_dir, seed=0, pretrained="efficientnet_lite0", verbose=0)
-    evaluate_study(runs, "smoke")
-    return runs
-
-
-def test_smoke_study_predictions_and_metrics_match_the_old_code(study):
+def test_smoke_study_predictions_and_metrics_match_the_old_code(smoke_runs):
     exact = _same_machine_type()
     for name, ref in REFERENCE["runs"].items():
-        run = study / name
+        run = smoke_runs / name
         mine = (run / "predictions.csv").read_text()
         metrics = _strip_paths(json.loads((run / "metrics.json").read_text()))
         if exact:

@@ -286,7 +286,7 @@ def test_kfold_cross_validation_writes_mean_and_sd(demo_dir, tmp_path):
 def test_mirrored_strategy_on_two_logical_cpus_with_augmentation_in_the_model(demo_dir, tmp_path):
     """The gpu profile's path: several replicas, augmentation as the model's first layer."""
     run = tmp_path / "mirrored"
-    res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--devices", "2", "--augment-on", "model", "--no-eval", "--data", str(demo_dir), "--run", str(run))
+    res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--devices", "2", "--augment-on", "model", "--no-eval", "--data", str(demo_dir), "--run", str(run), fresh=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s)" in res.stderr
     assert json.loads((run / "config.json").read_text())["augment_on"] == "model"
