@@ -3,7 +3,8 @@
 For each path (``predict --model BUNDLE``, TensorFlow-free; ``predict --run RUN``, Keras):
 - cold: a fresh process from start to the printed top-3 of one image (median of --cold runs);
 - peak memory of that process (its maximum resident set size);
-- warm: the median latency of scoring one image file in a process that has loaded the model.
+- warm: the median latency of scoring one image file in a process that has loaded the model
+  (the bundle's includes its out-of-distribution guard, as ``predict --model`` runs it).
 
     python bench/bundle.py --run runs/cpu_ensemble --bundle bundles/cpu_ensemble IMAGE [--cold 5 --repeats 50]
 """
@@ -39,14 +40,14 @@ def cold_and_peak(flag: str, target: str, image: str, runs: int) -> tuple[float,
     return float(np.median(times)), float(max(peaks))
 
 
-def warm_ms(predictor, image: str, repeats: int) -> float:
-    """Median milliseconds to score one image file (decode, resize, every member, calibration)."""
+def warm_ms(score, repeats: int) -> float:
+    """Median milliseconds of ``score()``: one image file decoded, resized, run through every member and calibrated."""
     for _ in range(3):
-        predictor.probs_file(image)
+        score()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        predictor.probs_file(image)
+        score()
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times))
 
@@ -65,10 +66,12 @@ def main() -> None:
         rows.append((label, flag, target, *cold_and_peak(flag, target, args.image, args.cold)))
     from skin_lesion.bundle import Bundle
 
-    warm = {"--model": warm_ms(Bundle(args.bundle), args.image, args.repeats)}
+    bundle = Bundle(args.bundle)
+    warm = {"--model": warm_ms(lambda: bundle.analyse_file(args.image), args.repeats)}  # what predict --model does: the guard too
     from skin_lesion.inference import Predictor
 
-    warm["--run"] = warm_ms(Predictor(args.run), args.image, args.repeats)
+    keras_path = Predictor(args.run)
+    warm["--run"] = warm_ms(lambda: keras_path.probs_file(args.image), args.repeats)
     for label, flag, _target, seconds, peak in rows:
         print(f"{label:32s} cold {seconds:6.2f} s   peak {peak:6.0f} MiB   warm {warm[flag]:6.1f} ms per image")
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from skin_lesion.calibration import apply_temperature, decide
-from skin_lesion.guard import CHECKS, NOT_RECOGNISED, Guard, pixel_statistics, pooled
+from skin_lesion.guard import CHECKS, NOT_RECOGNISED, PIXEL_SIZE, Guard, pixel_statistics, pooled
 from skin_lesion.info import CLASS_DESCRIPTIONS, CLASSES, MEL, UserError
 from skin_lesion.pixels import decode_rgb, resize_like_training
 
@@ -178,10 +178,10 @@ class Bundle:
 
     def guard_inputs(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What the guard measures of a decoded image: the feature member's pooled features and the
-        pixel statistics of the image at that member's input size."""
+        pixel statistics of the image at ``PIXEL_SIZE``."""
         member = self._feature_member()
-        image = resize_like_training(rgb, member.image_size)
-        return pooled(self._run(member, image)["output_1"][0]), pixel_statistics(image)
+        features = pooled(self._run(member, resize_like_training(rgb, member.image_size))["output_1"][0])
+        return features, pixel_statistics(resize_like_training(rgb, PIXEL_SIZE))
 
     def probs_file(self, path: str | os.PathLike) -> np.ndarray:
         """Calibrated class probabilities for one image file (decoded once, resized once per input size)."""
@@ -219,7 +219,8 @@ class Bundle:
             member = self._feature_member()
             features = outputs[self.feature_member]["output_1"][0]
             if self.guard is not None:
-                result.guard_scores = self.guard.scores(pooled(features), pixel_statistics(images[member.image_size]))[0]
+                small = images[PIXEL_SIZE] if PIXEL_SIZE in images else resize_like_training(rgb, PIXEL_SIZE)
+                result.guard_scores = self.guard.scores(pooled(features), pixel_statistics(small))[0]
                 result.recognised = bool(result.guard_scores.max() <= 1.0)
             if heatmap:
                 c = CLASSES.index(label) if class_index is None else class_index

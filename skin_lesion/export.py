@@ -134,7 +134,7 @@ def fit_bundle_guard(out: Path, run: RunFolder, reject: float = REJECT_ON_VALIDA
     return dict(
         file=path.name, sha256=file_sha256(path), member=bundle.feature_member, image_size=size,
         checks=dict(features="Mahalanobis distance of the pooled last-convolution features to the nearest class mean (shared Ledoit-Wolf covariance)",
-                    pixels="Mahalanobis distance of ten colour, edge and detail statistics of the resized image to the training images'"),
+                    pixels="Mahalanobis distance of ten colour, edge and detail statistics of the resized image to the nearest class mean (shared Ledoit-Wolf covariance)"),
         thresholds=dict(features=guard.features.threshold, pixels=guard.pixels.threshold),
         fitted_on=dict(train=len(train), validation=len(validation)),
         reject_on_validation=guard.reject_on_validation, reject_target=reject,
