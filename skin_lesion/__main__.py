@@ -86,7 +86,8 @@ def _print_headline(c: dict, ece: bool = False) -> None:
 def _print_metrics(m) -> None:
     """Headline numbers of an Evaluation, one line each, and the files it wrote."""
     c, op = m.calibrated, m.mel_operating_point
-    print(f"evaluated on {m.evaluated_on} ({c['n']} images, TTA {m.tta_views} views) -> {', '.join(str(f) for f in m.files)}")
+    views = f"TTA {m.tta_views} views" if m.tta_views else "each member with its own TTA"
+    print(f"evaluated on {m.evaluated_on} ({c['n']} images, {views}) -> {', '.join(str(f) for f in m.files)}")
     if m.extra.get("skipped"):
         print(f"  skipped {len(m.extra['skipped'])} labelled image(s) absent from the folder: {', '.join(m.extra['skipped'][:10])}{' ...' if len(m.extra['skipped']) > 10 else ''}")
     _print_headline(c)
@@ -125,9 +126,18 @@ def _evaluate_cmd(args) -> int:
         raise SystemExit("evaluate: --image-size and --out go together (the run scored at another size is written to --out)")
     from skin_lesion.evaluate import evaluate_run
     from skin_lesion.inference import resize_run
+    from skin_lesion.runs import RunFolder
 
-    run = resize_run(args.run, args.image_size, args.out) if args.out else args.run
-    result = evaluate_run(run, images=args.images, labels=args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing, **_operating_point(args))
+    if RunFolder(args.run).members():  # a mean ensemble: scored through its members
+        if not args.images or args.out:
+            raise SystemExit(f"evaluate: {args.run} is a mean ensemble; `ensemble` scored it on its test split, and "
+                             "evaluate scores it on an external set (--images and --labels), not at another size")
+        from skin_lesion.ensemble import evaluate_ensemble_external
+
+        result = evaluate_ensemble_external(args.run, args.images, args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing, **_operating_point(args))
+    else:
+        run = resize_run(args.run, args.image_size, args.out) if args.out else args.run
+        result = evaluate_run(run, images=args.images, labels=args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing, **_operating_point(args))
     _print_metrics(result)
     return 0
 

@@ -74,3 +74,37 @@ def mean_runs(
     out.update_manifest(kind="mean_ensemble", members=members, logit_offset=None if offset is None else offset.tolist())
     # tta_views None: the members' saved probabilities carry their own TTA (in their manifests)
     return score_predictions(out.path, None, val, p_val, test, p_test, None, target_mel_recall, TEST, mel_confidence, extra=extra, logit_offset=offset)
+
+
+def evaluate_ensemble_external(
+    ensemble: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike, tta: int = 8,
+    target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95, name: str | None = None, skip_missing: bool = False,
+) -> Evaluation:
+    """A mean ensemble scored on an external labelled set, as it decides on its own test split.
+
+    Each member is scored on the set first (``evaluate_run``: its own
+    temperature, its outputs ``metrics_NAME.json`` and ``predictions_NAME.csv``
+    in its folder); the mean of their calibrated probabilities then gets the
+    ensemble's temperature and melanoma threshold (fitted again on the same
+    validation predictions, so the same values) and its logit offset, and the
+    ensemble's own ``metrics_NAME.json`` and ``predictions_NAME.csv`` are
+    written beside its test metrics.
+    """
+    from skin_lesion.evaluate import evaluate_run
+
+    folder = RunFolder(ensemble)
+    members = folder.members()
+    if not members:
+        raise DataError(f"{folder.path}: not a mean ensemble (no members in its manifest.json)")
+    scored = [evaluate_run(m.path, images=images, labels=labels, tta=tta, target_mel_recall=target_mel_recall,
+                           mel_confidence=mel_confidence, name=name, skip_missing=skip_missing) for m in members]
+    name = scored[0].evaluated_on
+    val, val_probs = aligned_probabilities(members, "val")
+    external, external_probs = aligned_probabilities(members, name)
+    manifest = folder.manifest()
+    offset = manifest.get("logit_offset")
+    extra = dict(ensemble=manifest["members"], images=str(images), labels=str(labels), skipped=scored[0].extra.get("skipped", []),
+                 member_balanced_accuracy={m.label: s.calibrated["balanced_accuracy"] for m, s in zip(members, scored)})
+    p_val, p_external = (np.mean(list(p.values()), axis=0) for p in (val_probs, external_probs))
+    return score_predictions(folder.path, None, val, p_val, external, p_external, None, target_mel_recall, name, mel_confidence,
+                             extra=extra, logit_offset=None if offset is None else np.asarray(offset, dtype=float))

@@ -233,3 +233,35 @@ def test_images_from_other_software_score_and_predict_agrees_with_the_library_an
         assert [t["dx"] for t in out["top3"]] == [CLASSES[i] for i in np.argsort(-library)[:3]], name
         for t in out["top3"]:  # the command rounds to 4 decimals
             assert abs(t["probability"] - library[CLASSES.index(t["dx"])]) <= 5e-5 + 1e-6, (name, t)
+
+
+def test_a_mean_ensemble_scores_an_external_set_as_it_decides_on_test(smoke_runs, labelled, tmp_path):
+    """The study's ensemble (logit-adjusted, members at two sizes) on an external folder: each member
+    scored and written, then the mean with the ensemble's own temperature, offset and threshold."""
+    from skin_lesion.calibration import apply_temperature, decide
+    from skin_lesion.data import label_ids
+    from skin_lesion.metrics import balanced_accuracy
+    from skin_lesion.runs import RunFolder
+
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_runs, runs, ignore=shutil.ignore_patterns("checkpoint-epoch*.keras"))
+    ensemble = runs / "smoke_ensemble"
+    images = tmp_path / "clinic"
+    external_folder(labelled, images).to_csv(tmp_path / "labels.csv", index=False)
+    res = evaluate(ensemble, images, tmp_path / "labels.csv")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert written_files(res.stdout) == [str(ensemble / "metrics_clinic.json"), str(ensemble / "predictions_clinic.csv")]
+    manifest = json.loads((ensemble / "manifest.json").read_text())
+    assert manifest["outputs"]["clinic"] == {"metrics": "metrics_clinic.json", "predictions": "predictions_clinic.csv"}
+    members = [(ensemble / m).resolve() for m in manifest["members"]]
+    member_probs = [pd.read_csv(m / "predictions_clinic.csv", dtype={"image_id": str}).sort_values("image_id")[list(CLASSES)].to_numpy() for m in members]
+    mine = pd.read_csv(ensemble / "predictions_clinic.csv", dtype={"image_id": str}).sort_values("image_id")
+    expected = apply_temperature(np.mean(member_probs, axis=0), manifest["temperature"])
+    np.testing.assert_allclose(mine[list(CLASSES)].to_numpy(), expected, atol=1e-6)
+    metrics = json.loads((ensemble / "metrics_clinic.json").read_text())
+    assert metrics["temperature"] == pytest.approx(manifest["temperature"])  # fitted on the same validation predictions
+    decided = decide(expected, None, np.asarray(manifest["logit_offset"]))
+    assert metrics["calibrated"]["n"] == len(labelled) and set(metrics["member_balanced_accuracy"]) == {RunFolder(m).label for m in members}
+    assert metrics["calibrated"]["balanced_accuracy"] == pytest.approx(balanced_accuracy(label_ids(mine["dx"]), decided))
+    res = cli("evaluate", "--run", str(ensemble))
+    assert res.returncode != 0 and "is a mean ensemble" in res.stderr
