@@ -31,6 +31,14 @@ _DEMO_STYLE: dict[str, dict] = {
     "vasc": dict(rgb=(175, 35, 55), irregular=0.08, texture=0.20, radius=(0.14, 0.24), accent=(110, 10, 40)),
     "df": dict(rgb=(135, 85, 65), irregular=0.05, texture=0.10, radius=(0.12, 0.20), accent=(235, 225, 215)),
 }
+# Each class's look-alikes, as dermatologists confuse them: an image borrows part of a
+# neighbour's look (its colour, border, texture, size), so the classes overlap as real
+# ones do and no model can be perfect.
+_NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    "nv": ("mel", "bkl", "df"), "mel": ("nv", "bkl"), "bkl": ("nv", "mel", "akiec"), "bcc": ("akiec", "bkl", "vasc"),
+    "akiec": ("bcc", "bkl"), "vasc": ("bcc", "mel"), "df": ("nv", "bkl"),
+}
+_LOOK_ALIKE = 0.15  # the share of images that look more like a neighbour than like their own class
 # Body sites drawn with HAM10000's frequencies; sites rarer than 1 in 1,000 images are left out of a small demo.
 _SITES = tuple(s for s, n in SITE_COUNTS.items() if n >= 10)
 _SITE_P = np.array([SITE_COUNTS[s] for s in _SITES], float)
@@ -70,8 +78,8 @@ def demo_image(dx: str, rng: np.random.Generator, size: tuple[int, int] = (200, 
     """Draw one lesion-like image: skin background, an irregular blob whose
     colour, border and texture depend on the class, hair and vignetting."""
     w, h = size
-    style = _DEMO_STYLE[dx]
-    skin = np.array([225, 180, 160]) + rng.normal(0, 12, 3)
+    style = _blended_style(dx, rng)
+    skin = np.array([225, 180, 160]) * rng.uniform(0.8, 1.05) + rng.normal(0, 12, 3)
     yy, xx = np.mgrid[0:h, 0:w]
     img = np.ones((h, w, 3)) * skin
     img += rng.normal(0, 4, (h, w, 1))
@@ -82,7 +90,7 @@ def demo_image(dx: str, rng: np.random.Generator, size: tuple[int, int] = (200, 
     wobble = sum(style["irregular"] * rng.uniform(0.3, 1) * np.sin(k * theta + rng.uniform(0, 6.3)) for k in (2, 3, 5, 7))
     edge = r0 * (1 + wobble)
     inside = np.clip((edge - rad) / (2 + 10 * style["irregular"]), 0, 1)[..., None]
-    colour = np.array(style["rgb"]) + rng.normal(0, 10, 3)
+    colour = np.array(style["rgb"]) + rng.normal(0, 18, 3)
     noise = rng.normal(0, 1, (h // 6 + 1, w // 6 + 1))
     noise = np.kron(noise, np.ones((6, 6)))[:h, :w, None] * 40 * style["texture"]
     lesion = colour + noise
@@ -97,6 +105,22 @@ def demo_image(dx: str, rng: np.random.Generator, size: tuple[int, int] = (200, 
         x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
         draw.line([(x0, y0), (x0 + rng.normal(0, 60), y0 + rng.normal(0, 60))], fill=(40, 30, 25), width=1)
     return pic.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def _blended_style(dx: str, rng: np.random.Generator) -> dict:
+    """The class's style moved part of the way towards a neighbour's: a little for most images,
+    past half-way for ``_LOOK_ALIKE`` of them."""
+    own, other = _DEMO_STYLE[dx], _DEMO_STYLE[str(rng.choice(_NEIGHBOURS[dx]))]
+    w = rng.uniform(0.55, 0.9) if rng.random() < _LOOK_ALIKE else rng.uniform(0.0, 0.45)
+
+    def mix(a, b):
+        return tuple((1 - w) * np.asarray(a, float) + w * np.asarray(b, float))
+
+    return dict(
+        rgb=mix(own["rgb"], other["rgb"]), irregular=float(mix([own["irregular"]], [other["irregular"]])[0]),
+        texture=float(mix([own["texture"]], [other["texture"]])[0]), radius=mix(own["radius"], other["radius"]),
+        accent=(own if w < 0.5 else other)["accent"],
+    )
 
 
 def make_demo(out: str | os.PathLike = DEFAULT_DEMO, n_images: int = 700, seed: int = 0) -> Path:

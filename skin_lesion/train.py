@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
             if done > phase.start and checkpoint:
                 model = keras.models.load_model(run.path / checkpoint, safe_mode=True)  # mid-phase: optimizer state kept
             else:
-                model = _phase_model(cfg, run, prior)
+                model = _phase_model(cfg, run, prior, training_steps=train_pipe.steps * cfg.epochs)
                 set_backbone_trainable(model, phase.unfreeze_from, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
                 compile_model(model, phase.lr, cfg.label_smoothing)
         log.info("Phase %s: epochs %d-%d, lr %.2g, %d trainable weights", phase.name, phase.start + 1, phase.end, phase.lr, len(model.trainable_weights))
@@ -176,10 +176,10 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     return run.path
 
 
-def _phase_model(cfg: TrainConfig, run: RunFolder, prior: np.ndarray | None = None) -> keras.Model:
+def _phase_model(cfg: TrainConfig, run: RunFolder, prior: np.ndarray | None = None, training_steps: int | None = None) -> keras.Model:
     """A fresh model for a new phase: from the last checkpoint's weights when one exists."""
     in_model = cfg.augment if cfg.augment_on == "model" else 0.0
-    model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout, augment=in_model, prior=prior)
+    model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout, augment=in_model, prior=prior, training_steps=training_steps)
     checkpoint = run.state()["checkpoint"]
     if checkpoint:
         model.set_weights(keras.models.load_model(run.path / checkpoint, safe_mode=True, compile=False).get_weights())

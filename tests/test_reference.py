@@ -1,12 +1,15 @@
-"""Behaviour kept through the package's redesign: the smoke study on the demo set
-gives the predictions and metrics that the code before the redesign gave.
+"""The smoke study's numbers held fixed: the smoke study on the demo set gives the
+predictions and metrics recorded in tests/reference/smoke_demo_study.json.
 
-The reference (tests/reference/smoke_demo_study.json) was made with the old
-code on the 250-image demo set (seed 0, TTA 2). On the machine type that made
-it, training and evaluation reproduce it byte for byte; on another CPU, float
-rounding in training differs, so there the labels must still agree on nearly
-every image. The mean ensemble's scoring is NumPy only: rebuilt from the
-reference's own member predictions, it must match exactly anywhere.
+The reference is written by tests/reference/make_reference.py (the 250-image
+demo set, seed 0, TTA 2) and rewritten only by a change meant to move the
+study's numbers. (When the package was redesigned, the same file made by the
+code before the redesign was matched byte for byte; docs/EXPERIMENTS.md.) On
+the machine type that made it, training and evaluation reproduce it byte for
+byte; on another CPU, float rounding in training differs, so there the labels
+must still agree on nearly every image. The mean ensemble's scoring is NumPy
+only: rebuilt from the reference's own member predictions, it must match
+exactly anywhere.
 """
 
 from __future__ import annotations
@@ -41,23 +44,23 @@ def _strip_paths(metrics: dict) -> dict:
     return out
 
 
-def test_smoke_study_predictions_and_metrics_match_the_old_code(smoke_runs):
+def test_smoke_study_predictions_and_metrics_match_the_reference(smoke_runs):
     exact = _same_machine_type()
     for name, ref in REFERENCE["runs"].items():
         run = smoke_runs / name
         mine = (run / "predictions.csv").read_text()
         metrics = _strip_paths(json.loads((run / "metrics.json").read_text()))
         if exact:
-            assert mine == ref["predictions"], f"{name}: test predictions differ from the old code's"
+            assert mine == ref["predictions"], f"{name}: test predictions differ from the reference's"
             assert (run / "predictions_val.csv").read_text() == ref["predictions_val"], f"{name}: validation predictions differ"
-            assert metrics == ref["metrics"], f"{name}: metrics differ from the old code's"
+            assert metrics == ref["metrics"], f"{name}: metrics differ from the reference's"
         else:
             old, new = pd.read_csv(io.StringIO(ref["predictions"])), pd.read_csv(io.StringIO(mine))
             assert list(old["image_id"]) == list(new["image_id"]), name
             assert (old["pred_dx"] == new["pred_dx"]).mean() >= 0.9, f"{name}: labels moved on another CPU more than rounding explains"
 
 
-def test_mean_ensemble_scoring_is_exactly_the_old_codes(demo_dir, tmp_path):
+def test_mean_ensemble_scoring_matches_the_reference_exactly(demo_dir, tmp_path):
     """The study's ensemble rebuilt from the reference members' saved predictions, through the current code."""
     from skin_lesion.ensemble import mean_runs
     from skin_lesion.runs import RunFolder

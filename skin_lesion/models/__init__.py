@@ -13,7 +13,7 @@ import numpy as np
 from skin_lesion.config import DEFAULT_SIZE, LITE_NAMES, MODEL_NAMES, is_pretrained
 from skin_lesion.info import CLASSES
 from skin_lesion.models import cnn, lite, resnet
-from skin_lesion.models.cnn import build_cnn
+from skin_lesion.models.cnn import bn_momentum_for, build_cnn
 from skin_lesion.models.layers import HEAD_PREFIX, CaffePreprocess, PriorShift
 from skin_lesion.models.lite import LITE_VARIANTS, build_efficientnet_lite, build_lite_imagenet, lite_stage_first_block, lite_stages, load_lite_weights
 from skin_lesion.models.resnet import build_resnet50
@@ -37,13 +37,16 @@ def build_model(
     n_classes: int = len(CLASSES),
     augment: float = 0.0,
     prior: np.ndarray | list[float] | None = None,
+    training_steps: int | None = None,
 ) -> keras.Model:
     """Build a classifier by name (``cnn``, ``resnet50``, ``efficientnet_lite0/1/2``);
     ``augment`` > 0 puts the training augmentation inside the model; ``prior``
-    (the training class mix, when skewed) ends it with a :class:`PriorShift`."""
+    (the training class mix, when skewed) ends it with a :class:`PriorShift`;
+    ``training_steps`` (the CNN from scratch) sets its BatchNormalization momentum
+    (``cnn.bn_momentum_for``)."""
     size = image_size or DEFAULT_SIZE[name]
     if name == "cnn":
-        model = build_cnn(size, n_classes, dropout=dropout, augment=augment)
+        model = build_cnn(size, n_classes, dropout=dropout, augment=augment, bn_momentum=bn_momentum_for(training_steps))
     elif name == "resnet50":
         model = build_resnet50(size, n_classes, weights, dropout, augment)
     elif name in LITE_NAMES:
