@@ -73,15 +73,21 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _load_member(folder: Path, entry: dict, threads: int) -> BundleMember:
-    """One member's LiteRT interpreter, after checking its file against the manifest."""
-    from ai_edge_litert.interpreter import Interpreter
-
+def _checked_file(folder: Path, entry: dict) -> Path:
+    """A file the manifest lists, present and with the SHA-256 the manifest records."""
     path = folder / entry["file"]
     if not path.exists():
         raise BundleError(f"{path}: missing; the bundle's manifest lists it: copy the whole bundle folder")
     if file_sha256(path) != entry["sha256"]:
         raise BundleError(f"{path}: damaged or replaced (its SHA-256 does not match the manifest); copy or export the bundle again")
+    return path
+
+
+def _load_member(folder: Path, entry: dict, threads: int) -> BundleMember:
+    """One member's LiteRT interpreter, after checking its file against the manifest."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = _checked_file(folder, entry)
     try:
         interpreter = Interpreter(model_path=str(path), num_threads=threads)
         runner = interpreter.get_signature_runner()
@@ -254,11 +260,7 @@ def _load_guard(folder: Path, entry: dict | None) -> Guard | None:
     """The bundle's out-of-distribution guard, checked against the manifest (None for a bundle without one)."""
     if not entry:
         return None
-    path = folder / entry["file"]
-    if not path.exists():
-        raise BundleError(f"{path}: missing; the bundle's manifest lists it: copy the whole bundle folder")
-    if file_sha256(path) != entry["sha256"]:
-        raise BundleError(f"{path}: damaged or replaced (its SHA-256 does not match the manifest); copy or export the bundle again")
+    path = _checked_file(folder, entry)
     try:
         return Guard.load(path)
     except (OSError, ValueError, KeyError) as e:
