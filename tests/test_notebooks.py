@@ -4,6 +4,7 @@ session's smoke study (the 250-image demo set), and the figures report."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -148,3 +149,18 @@ def test_no_dates_or_commit_hashes_in_code_or_notebook_prose():
     for path in [*package.rglob("*.py"), *NOTEBOOKS_DIR.glob("*.ipynb")]:
         hits = pattern.findall(path.read_text())
         assert not hits, f"{path.name}: {hits}"
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="Chromium not installed (apt-get install -y chromium; .ci/run installs it)")
+def test_report_page_fits_a_1200_px_window(report):
+    """The report opened in a real browser 1200 px wide does not scroll sideways (wide tables scroll in their own box)."""
+    pytest.importorskip("playwright", reason="playwright not installed (make setup installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(report.resolve().as_uri())
+        scroll, window = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        browser.close()
+    assert scroll <= window, (scroll, window)
