@@ -198,10 +198,6 @@ class Bundle:
         """The decided class: the argmax, or for an ensemble with logit adjustment the adjusted argmax."""
         return CLASSES[int(decide(np.asarray(probs)[None], None, self.offset)[0])]
 
-    def mel_flag(self, probs: np.ndarray) -> bool | None:
-        """Whether p(melanoma) reaches the operating threshold chosen on validation (None without one)."""
-        return None if self.mel_threshold is None else bool(probs[MEL] >= self.mel_threshold)
-
     def _feature_member(self) -> BundleMember:
         if self.feature_member is None:
             raise BundleError(f"{self.folder}: no member exported its feature maps; export the bundle again")

@@ -103,6 +103,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike) -> Path:
         mel_threshold=manifest.get("mel_threshold"), preprocessing=RESIZE_RULE, tta_views=1,
         software=dict(skin_lesion=__version__, tensorflow=tf.__version__, keras=keras.__version__),
     )
+    # written twice: the guard is fitted by loading the bundle itself, which needs its manifest
     write_atomic(out / MANIFEST, json.dumps(bundle, indent=2))
     bundle["guard"] = fit_bundle_guard(out, members[0])
     write_atomic(out / MANIFEST, json.dumps(bundle, indent=2))
