@@ -97,6 +97,7 @@ class TrainConfig:
     folds: int | None = None
     fold: int | None = None
     split_by: str = "lesion"
+    holdout_source: str | None = None  # a source (dataset column) held out as the whole test part
     seed: int = 0
     average_last: int | None = None  # >0: also save the mean of the weights after the last N fine-tuning epochs, in average/
     label_smoothing: float = 0.0  # >0: train against (1 - eps) one-hot + eps / classes (losses.SmoothedSparseCrossentropy)

@@ -66,7 +66,7 @@ def prediction_table(frame: pd.DataFrame, probs: np.ndarray, pred: np.ndarray) -
     out = pd.DataFrame({"image_id": frame["image_id"].to_numpy(), "dx": frame["dx"].to_numpy(), "pred_dx": [CLASSES[i] for i in pred]})
     for i, c in enumerate(CLASSES):
         out[c] = probs[:, i]
-    for col in ("lesion_id", "age", "sex", "localization"):
+    for col in ("lesion_id", "age", "sex", "localization", "dataset"):
         if col in frame:
             out[col] = frame[col].to_numpy()
     return out

@@ -160,8 +160,9 @@ def subgroup_table(pred: pd.DataFrame, by: str, min_n: int = 1) -> pd.DataFrame:
     return pd.DataFrame(rows).assign(by=by)
 
 
-def subgroup_tables(pred: pd.DataFrame, groupings: tuple[str, ...] = ("sex", "age_band", "localization"), min_n: int = 1) -> pd.DataFrame:
-    """``subgroup_table`` for each grouping, stacked (``age_band`` is made from ``age``)."""
+def subgroup_tables(pred: pd.DataFrame, groupings: tuple[str, ...] = ("sex", "age_band", "localization", "dataset"), min_n: int = 1) -> pd.DataFrame:
+    """``subgroup_table`` for each grouping, stacked (``age_band`` is made from ``age``;
+    ``dataset`` is the source: clinic, camera and years)."""
     pred = pred.assign(age_band=age_band(pred["age"])) if "age" in pred else pred
     return pd.concat([subgroup_table(pred, by, min_n=min_n) for by in groupings if by in pred], ignore_index=True)
 

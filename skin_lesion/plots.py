@@ -25,7 +25,7 @@ PALETTE = dict(zip(CLASSES, sns.color_palette("colorblind", len(CLASSES))))
 HEADLINE_METRICS: dict[str, str] = {k: k.replace("_", " ").replace("f1", "F1").replace("auc", "AUC").replace("mel ", "melanoma ") for k in HEADLINE}
 # Below this many melanomas a group's melanoma recall is a few coin flips, not an estimate.
 MIN_MELANOMAS = 5
-SUBGROUP_TITLES = {"sex": "sex", "age_band": "age band", "localization": "body site"}
+SUBGROUP_TITLES = {"sex": "sex", "age_band": "age band", "localization": "body site", "dataset": "source"}
 METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "mel_recall": "melanoma recall (sensitivity)", "ece": "expected calibration error (ECE, lower is better)"}
 
 

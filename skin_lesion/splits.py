@@ -67,6 +67,29 @@ def image_split(meta: pd.DataFrame, val: float = 0.15, test: float = 0.15, seed:
     return part
 
 
+def holdout_source_split(meta: pd.DataFrame, source: str, val: float = 0.15, seed: int = 0) -> pd.Series:
+    """Hold one source (the ``dataset`` column) out as the whole test part.
+
+    The other sources' lesions are split into train and val by lesion, class by
+    class. A lesion photographed in the held-out source and elsewhere is
+    dropped from train and val (NaN here), so no lesion of the held-out source
+    is ever trained on or chosen on; the test part is exactly that source's images.
+    """
+    sources = sorted(meta["dataset"].dropna().unique()) if "dataset" in meta else []
+    if source not in sources:
+        raise DataError(f"--holdout-source {source!r} is not a source of this data (its dataset column holds: {', '.join(map(str, sources)) or 'nothing'})")
+    held = meta["dataset"] == source
+    if held.all():
+        raise DataError(f"--holdout-source {source!r} is the only source of this data: nothing would be left to train on")
+    held_lesions = set(meta.loc[held, "lesion_id"])
+    rest = meta[~held & ~meta["lesion_id"].isin(held_lesions)]
+    part = _allocate_lesions(rest.groupby("lesion_id", sort=True)["dx"].first(), {"val": val}, seed)
+    out = meta["lesion_id"].map(part).rename("split")
+    out[held] = "test"
+    out[~held & meta["lesion_id"].isin(held_lesions)] = np.nan
+    return out
+
+
 def fold_parts(split: pd.DataFrame, fold: int, val: float = 0.15, seed: int = 0) -> pd.Series:
     """For k-fold CV: fold ``fold`` is the test part; a lesion-grouped ``val``
     share of the remaining lesions is held out for early stopping and calibration."""
@@ -80,9 +103,19 @@ def fold_parts(split: pd.DataFrame, fold: int, val: float = 0.15, seed: int = 0)
     return part
 
 
-def make_split_table(meta: pd.DataFrame, folds: int | None = None, seed: int = 0, by: str = "lesion") -> pd.DataFrame:
-    """The ``split.csv`` table: image_id, lesion_id, dx and ``split`` (or ``fold``)."""
+def make_split_table(meta: pd.DataFrame, folds: int | None = None, seed: int = 0, by: str = "lesion", holdout_source: str | None = None) -> pd.DataFrame:
+    """The ``split.csv`` table: image_id, lesion_id, dx and ``split`` (or ``fold``).
+
+    With ``holdout_source`` the test part is that source (``holdout_source_split``);
+    the images it drops (other sources' photographs of its lesions) are left out.
+    """
     out = meta[["image_id", "lesion_id", "dx"]].copy()
+    if holdout_source:
+        if folds or by != "lesion":
+            raise DataError("--holdout-source makes its own lesion-grouped train/val/test split; it does not combine with --folds or --split-by image")
+        out["dataset"] = meta["dataset"]
+        out["split"] = holdout_source_split(meta, holdout_source, seed=seed)
+        return out.dropna(subset=["split"]).reset_index(drop=True)
     if folds:
         out["fold"] = lesion_folds(meta, folds, seed)
     elif by == "image":

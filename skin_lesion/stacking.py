@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,21 +113,26 @@ def fit_decision_layer(
     or more models, every pair is a candidate too, so a weak extra model cannot
     push out a pair that helps.
     """
-    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, cross_val_predict
 
     y = label_ids(val["dx"])
     names = list(val_probs)
     sets = [list(c) for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
     present = np.unique(y)
-    k = max(2, min(folds, int(np.bincount(y)[present].min())))  # every fold can hold every class
-    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    smallest = int(np.bincount(y)[present].min())
+    k = max(2, min(folds, smallest))  # every fold can hold every class
+    # A class with a single validation image cannot sit in two folds: fall back to plain grouped folds
+    # (a fold that misses a class predicts it with probability 0).
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if smallest >= 2 else GroupKFold(k)
     candidates, best = [], None
     for models_ in sets:
         for metadata in (False, True):
             x = stack_inputs([val_probs[m] for m in models_], val, metadata)
             for C in Cs:
                 lr = _logistic(C)
-                oof = _all_classes(cross_val_predict(lr, x, y, cv=cv, groups=val["lesion_id"].to_numpy(), method="predict_proba"), present)
+                with warnings.catch_warnings():  # the fallback's folds miss classes, as said above
+                    warnings.filterwarnings("ignore", "Number of classes in training fold", RuntimeWarning)
+                    oof = _all_classes(cross_val_predict(lr, x, y, cv=cv, groups=val["lesion_id"].to_numpy(), method="predict_proba"), present)
                 score = balanced_accuracy(y, oof.argmax(1))
                 candidates.append(dict(models="+".join(models_), metadata=metadata, C=C, cv_balanced_accuracy=score))
                 if best is None or score > best[0]:

@@ -65,12 +65,18 @@ def study_runs(profile: str, pretrained: str) -> dict[str, dict]:
     return runs
 
 
-def train_study(runs: str | os.PathLike, profile: str, data: str | os.PathLike, seed: int = 0, pretrained: str | None = None, verbose: int | str = 2) -> dict[str, Path]:
-    """Train (or reuse, or resume) every run of the study; returns short name -> run folder."""
+def train_study(runs: str | os.PathLike, profile: str, data: str | os.PathLike | None, seed: int = 0, pretrained: str | None = None,
+                verbose: int | str = 2, holdout_source: str | None = None) -> dict[str, Path]:
+    """Train (or reuse, or resume) every run of the study; returns short name -> run folder.
+
+    With ``holdout_source`` every run tests on that source alone and trains and
+    validates on the others (``splits.holdout_source_split``): the study as a
+    user with images from another clinic would meet it."""
     pretrained = pretrained or pretrained_backbone()
     out = {}
     for name, fields in study_runs(profile, pretrained).items():
-        cfg = TrainConfig(**fields, profile=profile, data=str(data), run=str(Path(runs) / name), seed=seed)
+        cfg = TrainConfig(**fields, profile=profile, data=None if data is None else str(data), run=str(Path(runs) / name), seed=seed,
+                          holdout_source=holdout_source)
         out[name.removeprefix(f"{profile}_")] = train_or_resume(cfg, verbose=verbose)
     return out
 
@@ -143,6 +149,20 @@ def combination_folders(runs: str | os.PathLike, profile: str) -> dict[str, Path
 def headline_table(results: dict[str, dict]) -> pd.DataFrame:
     """The headline calibrated metrics (and ECE) of each result, one row each."""
     return pd.DataFrame({n: {k: r["calibrated"][k] for k in (*HEADLINE, "ece")} for n, r in results.items()}).T
+
+
+def shift_table(results: dict[str, dict]) -> pd.DataFrame:
+    """What a shift of source costs, one row per result (metrics as in metrics.json):
+    balanced accuracy, macro AUC, each class's recall (NaN where the test part has
+    none of it) and melanoma recall at the operating point chosen on validation."""
+    rows = {}
+    for name, m in results.items():
+        c = m["calibrated"]
+        row = dict(n=c["n"], balanced_accuracy=c["balanced_accuracy"], macro_auc=c["macro_auc"])
+        row.update({f"recall_{k}": (v["recall"] if v.get("support") else np.nan) for k, v in c["per_class"].items()})
+        row["op_mel_recall"] = m["mel_operating_point"]["mel_recall"]
+        rows[name] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 # --------------------------------------------------------------------------- k-fold cross-validation

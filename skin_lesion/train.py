@@ -88,7 +88,7 @@ def prepare_split(cfg: TrainConfig, ds: Dataset, run: RunFolder) -> pd.DataFrame
     table = run.read_split()
     if table is None:
         meta = subsample(ds.meta, cfg.max_per_class, cfg.seed)
-        table = make_split_table(meta, folds=cfg.folds, seed=cfg.seed, by=cfg.split_by)
+        table = make_split_table(meta, folds=cfg.folds, seed=cfg.seed, by=cfg.split_by, holdout_source=cfg.holdout_source)
         run.write_split(table)
     if "fold" in table and "split" not in table:
         table["split"] = fold_parts(table, cfg.fold or 0, seed=cfg.seed).to_numpy()
