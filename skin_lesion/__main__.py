@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout-source", dest="holdout_source", metavar="SOURCE", help="test on this source (dataset column) alone, trained and validated on the others")
     t.add_argument("--seed", type=int)
     t.add_argument("--devices", type=int, help="split the CPU into N logical devices (MirroredStrategy test)")
+    t.add_argument("--local-workers", dest="local_workers", type=int, metavar="N",
+                   help="train as N worker processes on this machine (MultiWorkerMirroredStrategy; per-worker batch --batch-size)")
+    t.add_argument("--gpu-path", dest="gpu_path", action="store_true", default=None,
+                   help="take the GPU code path (mixed precision, XLA) even without a GPU: for checking it on a CPU")
     t.add_argument("--resume", action="store_true", help="continue the run in --run from its last epoch")
     t.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
     t.add_argument("--tta", type=int, default=8, help="test-time augmentation views (1-8)")
@@ -163,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse, run, and turn user errors into one line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `train --local-workers` hands on to its workers
     try:
         return args.func(args)
     except (UserError, FileNotFoundError) as e:

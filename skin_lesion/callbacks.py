@@ -11,15 +11,36 @@ import logging
 import math
 import os
 import time
+import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from skin_lesion.distribute import is_multi_worker
 from skin_lesion.metrics import balanced_accuracy
 from skin_lesion.runs import RunFolder
 
 log = logging.getLogger("skin_lesion")
+
+
+_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled forward pass (predict_probs)
+
+
+def predict_probs(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
+    """The model's outputs on ``dataset``, in its order.
+
+    In a multi-worker run each worker scores the whole validation set itself
+    (one compiled forward pass per batch, outside the strategy): ``predict``
+    would shard it between the workers and gather the parts back, and the
+    validation figures must not depend on how a cluster cuts a partial batch.
+    """
+    if not is_multi_worker(model.distribute_strategy):
+        return model.predict(dataset, verbose=0)
+    if model not in _FORWARD:
+        _FORWARD[model] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    forward = _FORWARD[model]
+    return np.concatenate([keras.ops.convert_to_numpy(forward(x)) for x, *_ in dataset]).astype("float32")
 
 
 def validation_scores(model: keras.Model, dataset: tf.data.Dataset, labels: np.ndarray) -> dict[str, float]:
@@ -30,7 +51,7 @@ def validation_scores(model: keras.Model, dataset: tf.data.Dataset, labels: np.n
     clips at 1e-7; ``evaluate`` computes it from the softmax's logits where it
     can, so it counts very confident mistakes a little higher. The accuracies are exact.
     """
-    probs = model.predict(dataset, verbose=0)
+    probs = predict_probs(model, dataset)
     pred = probs.argmax(1)
     loss = model.loss if isinstance(model.loss, keras.losses.Loss) else keras.losses.get(model.loss)
     return {
@@ -109,7 +130,7 @@ class WeightAverage(keras.callbacks.Callback):
     def _save_mean(self, mean: list[np.ndarray], n: int, logs: dict) -> None:
         """Score the mean on validation (into the logs) and save it as the run ``average/``."""
         self.model.set_weights(mean)
-        pred = self.model.predict(self.val_dataset, verbose=0).argmax(1)
+        pred = predict_probs(self.model, self.val_dataset).argmax(1)
         logs["val_balanced_accuracy_average"] = balanced_accuracy(self.val_labels, pred)
         out = self.run.derive(self.run.average.path)
         tmp = out.path / "model.tmp.keras"

@@ -46,9 +46,9 @@ def data_cmd(args) -> int:
     return 0
 
 
-def train_cmd(args) -> int:
+def train_config(args):
+    """The run's TrainConfig: ``--config`` (if any) overridden by the options given."""
     from skin_lesion.config import TrainConfig
-    from skin_lesion.train import train
 
     if args.config:
         base = TrainConfig.load(Path(args.config))
@@ -56,7 +56,32 @@ def train_cmd(args) -> int:
     else:
         base = TrainConfig()
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in ("run", "data")}
-    cfg = TrainConfig(**{**base.__dict__, **overrides, "run": args.run or base.run, "data": args.data or base.data})
+    return TrainConfig(**{**base.__dict__, **overrides, "run": args.run or base.run, "data": args.data or base.data})
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """A worker's ``train`` options: the launcher's, less ``--local-workers N``, plus ``--no-eval``
+    (the launcher evaluates once every worker is done)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--local-workers":
+            skip = True
+        elif not a.startswith("--local-workers="):
+            out.append(a)
+    return [*out, "--no-eval"] if "--no-eval" not in out else out
+
+
+def train_cmd(args) -> int:
+    from skin_lesion.workers import is_chief, launch_local_workers
+
+    cfg = train_config(args)
+    if args.local_workers:
+        if args.folds and args.fold is None:
+            raise SystemExit("train: --local-workers trains one run; for k-fold CV pass --fold I to each")
+        launch_local_workers(worker_argv(args.argv[1:]), args.local_workers, log_dir=Path(cfg.run).with_name(Path(cfg.run).name + ".workers"))
+        return 0 if args.no_eval else evaluate_and_print(cfg.run, args.tta)
     if args.folds and args.fold is None:
         from skin_lesion.study import cross_validate
 
@@ -64,14 +89,20 @@ def train_cmd(args) -> int:
         for k, v in out["summary"].items():
             print(f"{k}: {v['mean']:.4f} +/- {v['sd']:.4f}")
         return 0
-    run = train(cfg, resume=args.resume)
-    if not args.no_eval:
-        from skin_lesion.evaluate import evaluate_run
-        from skin_lesion.runs import RunFolder
+    from skin_lesion.train import train
 
-        print_metrics(evaluate_run(run, tta=args.tta))
-        if RunFolder(run).average.has_model():  # --average-last: the mean is a second model
-            print_metrics(evaluate_run(RunFolder(run).average.path, tta=args.tta))
+    run = train(cfg, resume=args.resume)
+    return 0 if args.no_eval or not is_chief() else evaluate_and_print(run, args.tta)
+
+
+def evaluate_and_print(run, tta: int) -> int:
+    """Score a trained run (and its weight average, when it has one) on its test split."""
+    from skin_lesion.evaluate import evaluate_run
+    from skin_lesion.runs import RunFolder
+
+    print_metrics(evaluate_run(run, tta=tta))
+    if RunFolder(run).average.has_model():  # --average-last: the mean is a second model
+        print_metrics(evaluate_run(RunFolder(run).average.path, tta=tta))
     return 0
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
     average_last: int | None = None  # >0: also save the mean of the weights after the last N fine-tuning epochs, in average/
     label_smoothing: float = 0.0  # >0: train against (1 - eps) one-hot + eps / classes (losses.SmoothedSparseCrossentropy)
     devices: int = 0  # >1: split the CPU into logical devices (tests MirroredStrategy)
+    gpu_path: bool | None = None  # mixed precision and XLA; None: when a GPU is present (True reaches that code on a CPU)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:
@@ -151,7 +152,7 @@ class TrainConfig:
 
 # Fields that may differ between a run folder's config and a request to reuse
 # it: where things are (the same data can sit elsewhere) and how it ran.
-REUSE_IGNORES: tuple[str, ...] = ("run", "data", "devices", "extra")
+REUSE_IGNORES: tuple[str, ...] = ("run", "data", "devices", "gpu_path", "extra")
 
 
 def check_same_config(saved: TrainConfig, wanted: TrainConfig, run: str | Path) -> None:

@@ -10,54 +10,39 @@ epoch with nothing lost.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from skin_lesion.callbacks import BalancedAccuracy, EpochLog, EpochSeconds, RunCheckpoint, WeightAverage, cosine_lr
 from skin_lesion.config import TrainConfig, check_same_config, is_pretrained
 from skin_lesion.data import Dataset, label_ids, load_dataset
+from skin_lesion.distribute import prepare_model, shard_by_data, strategy_for, uses_gpu_path
 from skin_lesion.info import DataError
 from skin_lesion.losses import make_loss
 from skin_lesion.models import build_model, set_backbone_trainable
 from skin_lesion.pipeline import make_pipeline, sampling_prior
 from skin_lesion.runs import RunFolder
 from skin_lesion.splits import fold_parts, make_split_table, subsample
+from skin_lesion.workers import cluster_size, is_chief, worker_index, worker_scratch
 
 log = logging.getLogger("skin_lesion")
 PHASE_SEED_STRIDE = 1000  # phase k trains on the pipeline seeded cfg.seed + 1000 k (see train)
 
 
-def strategy_for(devices: int = 0) -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs, or over ``devices`` logical CPUs (for tests);
-    else the default strategy. On a GPU, mixed precision is switched on too."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-    if devices > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        try:
-            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
-        except RuntimeError:
-            pass  # already initialised: keep what exists
-        logical = [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(logical)
-    return tf.distribute.get_strategy()
-
-
-def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0) -> None:
-    """Adam + (optionally smoothed) sparse cross-entropy + accuracy; on a GPU, XLA
-    where every layer supports it (Keras' "auto": not with augmentation inside the model)."""
+def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0, xla: bool = False) -> None:
+    """Adam + (optionally smoothed) sparse cross-entropy + accuracy; with ``xla``
+    (the GPU path), XLA where every layer supports it (Keras' "auto": not with
+    augmentation inside the model)."""
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
         loss=make_loss(label_smoothing),
         metrics=["accuracy"],
-        jit_compile="auto" if tf.config.list_physical_devices("GPU") else False,
+        jit_compile="auto" if xla else False,
     )
 
 
@@ -99,8 +84,12 @@ def prepare_split(cfg: TrainConfig, ds: Dataset, run: RunFolder) -> pd.DataFrame
 
 
 def _start_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, RunFolder]:
-    """The resolved config and the run folder: a new run writes its config, a resumed one reads it."""
-    run = RunFolder(cfg.run)
+    """The resolved config and the run folder: a new run writes its config, a resumed one reads it.
+
+    A worker other than the chief of a multi-worker run gets a temporary copy
+    of the run folder (``worker_run``): only the chief writes the real one."""
+    run = RunFolder(cfg.run) if is_chief() else RunFolder(worker_run(RunFolder(cfg.run), resume))
+    cfg = replace(cfg, run=str(run.path))
     if resume:
         if not run.config_file.exists():
             raise DataError(f"{run.path}: nothing to resume (no config.json); start it without --resume")
@@ -113,22 +102,48 @@ def _start_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, RunFolder]:
     return cfg, run
 
 
+def worker_run(run: RunFolder, resume: bool) -> Path:
+    """A non-chief worker's run folder: a temporary folder, holding a copy of the
+    chief's (config, split, state, last checkpoint) when resuming."""
+    scratch = worker_scratch(worker_index())
+    if resume and run.path.is_dir():
+        shutil.copytree(run.path, scratch, dirs_exist_ok=True)
+    return scratch
+
+
 def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> Path:
     """Train per ``cfg`` into its run folder; with ``resume`` continue a stopped run.
 
     Returns the run folder. ``model.keras`` there is the best epoch by
     validation balanced accuracy; with ``average_last`` the mean of the last
     fine-tuning epochs' weights is in ``average/`` (see ``WeightAverage``).
+    In a multi-worker cluster (``TF_CONFIG``) every worker calls this; the
+    others' temporary folders are removed when they finish.
     """
+    requested = RunFolder(cfg.run).path
     cfg, run = _start_run(cfg, resume)
-    strategy = strategy_for(cfg.devices)  # first: logical devices must be set before TensorFlow starts
-    log.info("Strategy: %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    try:
+        _train(cfg, run, verbose)
+    finally:
+        if run.path != requested:  # a non-chief worker's scratch copy
+            shutil.rmtree(run.path, ignore_errors=True)
+    return requested
+
+
+def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
+    """The epochs of a started run (``train``)."""
+    gpu_path = uses_gpu_path(cfg)
+    strategy = strategy_for(cfg.devices, mixed_precision=gpu_path)  # first: logical devices must be set before TensorFlow starts
+    workers = cluster_size()
+    log.info("Strategy: %s with %d replica(s)%s", type(strategy).__name__, strategy.num_replicas_in_sync,
+             f" on {workers} workers (this is worker {worker_index()})" if workers > 1 else "")
     keras.utils.set_random_seed(cfg.seed)
     ds = load_dataset(cfg.data)
     meta = prepare_split(cfg, ds, run)
     parts = {name: meta[meta["split"] == name] for name in ("train", "val")}
     size = (cfg.image_size, cfg.image_size)
     in_pipeline = cfg.augment if cfg.augment_on == "pipeline" else False
+    batch = cfg.batch_size * workers  # the global batch: each worker's share is cfg.batch_size
     val_pipe = make_pipeline(parts["val"], size, cfg.batch_size)
     val_labels = label_ids(parts["val"]["dx"])
     prior = sampling_prior(label_ids(parts["train"]["dx"]), cfg.imbalance)
@@ -142,8 +157,9 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
         # from state its earlier iterators advanced, as far as they ran ahead (thread
         # timing), so a second iterator over one dataset would not reproduce.
         train_pipe = make_pipeline(
-            parts["train"], size, cfg.batch_size, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed + PHASE_SEED_STRIDE * k
+            parts["train"], size, batch, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed + PHASE_SEED_STRIDE * k
         )
+        dataset = shard_by_data(train_pipe.dataset) if workers > 1 else train_pipe.dataset
         with strategy.scope():
             checkpoint = run.state()["checkpoint"]
             if done > phase.start and checkpoint:
@@ -151,7 +167,8 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
             else:
                 model = _phase_model(cfg, run, prior, training_steps=train_pipe.steps * cfg.epochs)
                 set_backbone_trainable(model, phase.unfreeze_from, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
-                compile_model(model, phase.lr, cfg.label_smoothing)
+                compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path)
+        model = prepare_model(model, strategy, cfg.image_size)
         log.info("Phase %s: epochs %d-%d, lr %.2g, %d trainable weights", phase.name, phase.start + 1, phase.end, phase.lr, len(model.trainable_weights))
         averaging = cfg.average_last > 0 and phase.end == cfg.epochs
         callbacks = [  # in this order: each on_epoch_end sees the logs the ones before it added
@@ -163,7 +180,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
             EpochLog(run, cfg.epochs),
         ]
         model.fit(
-            train_pipe.dataset,
+            dataset,
             steps_per_epoch=train_pipe.steps,
             epochs=phase.end,
             initial_epoch=done,
@@ -173,7 +190,6 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
             verbose=verbose,
         )
         done = phase.end
-    return run.path
 
 
 def _phase_model(cfg: TrainConfig, run: RunFolder, prior: np.ndarray | None = None, training_steps: int | None = None) -> keras.Model:
