@@ -36,13 +36,14 @@ PHASE_SEED_STRIDE = 1000  # phase k trains on the pipeline seeded cfg.seed + 100
 
 def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0, xla: bool = False) -> None:
     """Adam + (optionally smoothed) sparse cross-entropy + accuracy; with ``xla``
-    (the GPU path), XLA where every layer supports it (Keras' "auto": not with
-    augmentation inside the model)."""
+    (the GPU path), the train step compiled by XLA when every layer supports it
+    (Keras' own "auto" rule, applied on a CPU too, where "auto" means off): not
+    with augmentation inside the model, whose random layers XLA cannot compile."""
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
         loss=make_loss(label_smoothing),
         metrics=["accuracy"],
-        jit_compile="auto" if xla else False,
+        jit_compile=xla and all(layer.supports_jit for layer in model._flatten_layers()),
     )
 
 
@@ -135,7 +136,8 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
     gpu_path = uses_gpu_path(cfg)
     strategy = strategy_for(cfg.devices, mixed_precision=gpu_path)  # first: logical devices must be set before TensorFlow starts
     workers = cluster_size()
-    log.info("Strategy: %s with %d replica(s)%s", type(strategy).__name__, strategy.num_replicas_in_sync,
+    name = "MultiWorkerMirroredStrategy" if workers > 1 else type(strategy).__name__  # its class is CollectiveAllReduceStrategy
+    log.info("Strategy: %s with %d replica(s)%s", name, strategy.num_replicas_in_sync,
              f" on {workers} workers (this is worker {worker_index()})" if workers > 1 else "")
     keras.utils.set_random_seed(cfg.seed)
     ds = load_dataset(cfg.data)

@@ -283,16 +283,26 @@ def test_kfold_cross_validation_writes_mean_and_sd(demo_dir, tmp_path):
     assert "+/-" in res.stdout
 
 
-def test_mirrored_strategy_on_two_logical_cpus_with_augmentation_in_the_model(demo_dir, tmp_path):
-    """The gpu profile's path: several replicas, augmentation as the model's first layer."""
-    run = tmp_path / "mirrored"
-    res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--devices", "2", "--augment-on", "model", "--no-eval", "--data", str(demo_dir), "--run", str(run), fresh=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "MirroredStrategy with 2 replica(s)" in res.stderr
-    assert json.loads((run / "config.json").read_text())["augment_on"] == "model"
+def test_the_gpu_code_path_runs_on_a_cpu(demo_dir, tmp_path):
+    """The gpu profile's path, so a GPU user does not meet its first bug: mixed
+    precision; augmentation as the model's first layer over several replicas
+    (MirroredStrategy on two logical CPUs); XLA where Keras can compile the step
+    (not with augmentation in the model; on one device, as XLA cannot reach
+    variables on another logical CPU)."""
     import keras
 
-    assert keras.models.load_model(run / "model.keras").get_layer("augment").strength == 1.0
+    for augment_on, devices in (("model", "2"), ("pipeline", "1")):
+        run = tmp_path / augment_on
+        res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--devices", devices, "--augment-on", augment_on, "--gpu-path", "--no-eval",
+                  "--data", str(demo_dir), "--run", str(run), fresh=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        model = keras.models.load_model(run / "model.keras")
+        assert model.get_layer("block1_conv1").dtype_policy.name == "mixed_float16"  # float16 compute, float32 weights
+        assert model.get_layer("head_softmax").dtype_policy.name == "float32"  # probabilities stay float32
+        assert keras.models.load_model(run / "checkpoint-epoch001.keras").jit_compile == (augment_on == "pipeline")
+        if augment_on == "model":
+            assert "MirroredStrategy with 2 replica(s)" in res.stderr
+            assert model.get_layer("augment").strength == 1.0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,126 @@
+"""Training across worker processes: two real workers on 127.0.0.1 through
+``train --local-workers`` (MultiWorkerMirroredStrategy), against one process
+with the same global batch, and a worker killed mid-epoch then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, cli
+
+from skin_lesion.commands import worker_argv
+from skin_lesion.info import UserError
+from skin_lesion.workers import WorkerFailed, cluster_config, free_ports, launch_local_workers, tf_config
+
+# Lite0 at 64 px on a few images per class; no dropout, whose masks each worker
+# draws on its own (a single process draws one mask for the whole batch).
+RUN = ("train", "--profile", "smoke", "--model", "efficientnet_lite0", "--dropout", "0", "--no-eval")
+# Largest difference allowed between the weights of one worker and of two after two
+# epochs: the same sums added in another order (measured 1.4e-6).
+WEIGHT_TOLERANCE = 1e-4
+
+
+def _weights(run: Path) -> list[np.ndarray]:
+    import keras
+
+    import skin_lesion.models  # noqa: F401  (registers the custom layers)
+
+    return keras.models.load_model(run / "model.keras", safe_mode=True, compile=False).get_weights()
+
+
+def test_two_workers_train_like_one_with_the_same_global_batch(demo_dir, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where the non-chief worker's temporary run folder goes
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = cli(*RUN, "--batch-size", "16", "--data", str(demo_dir), "--run", str(one))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = cli(*RUN, "--batch-size", "8", "--local-workers", "2", "--data", str(demo_dir), "--run", str(two))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "MultiWorkerMirroredStrategy with 2 replica(s) on 2 workers" in res.stdout  # the chief's log, streamed
+
+    # The run folder is complete and holds each epoch once; the other worker's copy is gone.
+    assert {"config.json", "split.csv", "state.json", "history.csv", "model.keras", "manifest.json"} <= {p.name for p in two.iterdir()}
+    assert pd.read_csv(two / "history.csv")["epoch"].tolist() == [0, 1]
+    assert json.loads((two / "config.json").read_text())["run"] == str(two)
+    assert not [p for p in scratch.iterdir() if p.name.startswith("skin_lesion_worker")]
+    worker1 = (tmp_path / "two.workers" / "worker1.log").read_text()
+    assert "this is worker 1" in worker1 and re.search(r"Run \S*skin_lesion_worker1_\w+: efficientnet_lite0", worker1)  # into its scratch copy
+
+    # Same data, same order, same updates: the weights agree up to summation order.
+    diffs = [float(np.abs(a - b).max()) for a, b in zip(_weights(one), _weights(two))]
+    assert max(diffs) <= WEIGHT_TOLERANCE, f"largest weight difference {max(diffs):.2e}"
+    h1, h2 = pd.read_csv(one / "history.csv"), pd.read_csv(two / "history.csv")
+    assert h1["val_balanced_accuracy"].tolist() == h2["val_balanced_accuracy"].tolist()
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-5)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_killed_worker_stops_the_run_and_resume_finishes_it(demo_dir, tmp_path):
+    run = tmp_path / "killed"
+    args = [*RUN, "--epochs", "3", "--batch-size", "8", "--local-workers", "2", "--data", str(demo_dir), "--run", str(run)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    launcher = subprocess.Popen([sys.executable, "-m", "skin_lesion", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = {}
+    try:
+        while len(pids) < 2:
+            line = launcher.stdout.readline()
+            assert line, launcher.stderr.read()[-3000:]
+            if m := re.match(r"worker (\d): pid (\d+)", line):
+                pids[int(m[1])] = int(m[2])
+        chief_log = tmp_path / "killed.workers" / "worker0.log"
+        # Mid-epoch: the first epoch is in the run folder and Keras has begun the second.
+        _wait_for(lambda: (run / "history.csv").exists() and "Epoch 2/3" in chief_log.read_text(), 300, "the second epoch")
+        os.kill(pids[1], signal.SIGKILL)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 2
+    assert "worker 1 of 2 stopped (killed by SIGKILL); the other workers were stopped" in err
+    assert "--resume" in err
+    for pid in pids.values():  # no worker left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0]
+
+    res = cli(*[a for a in args if a != "--no-eval"], "--resume")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
+    assert json.loads((run / "state.json").read_text())["epochs_done"] == 3
+    assert "balanced_accuracy" in res.stdout  # the launcher evaluated the finished run
+
+
+def test_a_worker_that_fails_stops_the_launcher_with_its_error(tmp_path):
+    with pytest.raises(WorkerFailed, match=r"(?s)worker \d of 2 stopped \(exit code 2\).*no_such_folder"):
+        launch_local_workers(["--profile", "smoke", "--data", str(tmp_path / "no_such_folder"), "--run", str(tmp_path / "r")], 2, log_dir=tmp_path / "logs")
+
+
+def test_cluster_helpers(monkeypatch):
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    cfg = json.loads(cluster_config(["a:1", "b:2"], 1))
+    assert cfg == {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}
+    monkeypatch.setenv("TF_CONFIG", "not json")
+    with pytest.raises(UserError, match="TF_CONFIG is not a cluster description"):
+        tf_config()
+    monkeypatch.delenv("TF_CONFIG")
+    assert tf_config() is None
+    assert worker_argv(["--run", "r", "--local-workers", "2", "--seed", "1"]) == ["--run", "r", "--seed", "1", "--no-eval"]
+    assert worker_argv(["--local-workers=3", "--no-eval"]) == ["--no-eval"]
