@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--data")
     sd.add_argument("--runs", default="runs", help="folder for the study's run folders")
     sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--backbone", choices=[m for m in MODEL_NAMES if m != "cnn"],
+                    help="the pretrained model (default: ResNet50 where its ImageNet weights download, else efficientnet_lite0)")
     sd.add_argument("--holdout-source", dest="holdout_source", metavar="SOURCE",
                     help="test every run on this source (dataset column) alone, trained and validated on the others")
     sd.set_defaults(func=commands.study_cmd)

@@ -312,7 +312,7 @@ def tune_cmd(args) -> int:
 def study_cmd(args) -> int:
     from skin_lesion.study import evaluate_study, shift_table, train_study
 
-    train_study(args.runs, args.profile, args.data, seed=args.seed, holdout_source=args.holdout_source)
+    train_study(args.runs, args.profile, args.data, seed=args.seed, pretrained=args.backbone, holdout_source=args.holdout_source)
     table = shift_table(evaluate_study(args.runs, args.profile))
     out = Path(args.runs) / "study_metrics.csv"
     table.to_csv(out)

@@ -119,18 +119,18 @@ def fit_decision_layer(
     names = list(val_probs)
     sets = [list(c) for k in range(1, len(names) + 1) for c in itertools.combinations(names, k)]
     present = np.unique(y)
-    smallest = int(np.bincount(y)[present].min())
-    k = max(2, min(folds, smallest))  # every fold can hold every class
-    # A class with a single validation image cannot sit in two folds: fall back to plain grouped folds
+    counts = np.bincount(y)[present]
+    k = max(2, min(folds, int(counts.min())))  # every fold can hold every class
+    # When no class has two validation images, stratified folds cannot be cut: plain grouped folds
     # (a fold that misses a class predicts it with probability 0).
-    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if smallest >= 2 else GroupKFold(k)
+    cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if counts.max() >= k else GroupKFold(k)
     candidates, best = [], None
     for models_ in sets:
         for metadata in (False, True):
             x = stack_inputs([val_probs[m] for m in models_], val, metadata)
             for C in Cs:
                 lr = _logistic(C)
-                with warnings.catch_warnings():  # the fallback's folds miss classes, as said above
+                with warnings.catch_warnings():  # on a small validation split some folds miss a class, as said above
                     warnings.filterwarnings("ignore", "Number of classes in training fold", RuntimeWarning)
                     oof = _all_classes(cross_val_predict(lr, x, y, cv=cv, groups=val["lesion_id"].to_numpy(), method="predict_proba"), present)
                 score = balanced_accuracy(y, oof.argmax(1))
