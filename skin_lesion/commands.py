@@ -150,6 +150,17 @@ def evaluate_cmd(args) -> int:
     from skin_lesion.inference import resize_run
     from skin_lesion.runs import RunFolder
 
+    if RunFolder(args.run).manifest().get("kind") == "decision_layer":  # scored through the runs it stacks
+        if not args.images or args.out:
+            raise SystemExit(f"evaluate: {args.run} is a decision layer; `stack` scored it on its test split, and "
+                             "evaluate scores it on an external set (--images and --labels), not at another size")
+        from skin_lesion.stacking import evaluate_stacked_external
+
+        m = evaluate_stacked_external(args.run, args.images, args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing)
+        print(f"decision layer {' + '.join(m['decision_layer']['models'])} on {m['evaluated_on']} ({m['calibrated']['n']} images) -> {', '.join(m['files'])}")
+        print_headline(m["calibrated"], ece=True)
+        print(operating_point_line(m["mel_operating_point"]))
+        return 0
     if RunFolder(args.run).members():  # a mean ensemble: scored through its members
         if not args.images or args.out:
             raise SystemExit(f"evaluate: {args.run} is a mean ensemble; `ensemble` scored it on its test split, and "

@@ -22,7 +22,7 @@ from skin_lesion.calibration import decide, mel_recall_at, mel_threshold, operat
 from skin_lesion.data import label_ids
 from skin_lesion.ensemble import aligned_probabilities
 from skin_lesion.evaluate import prediction_table
-from skin_lesion.info import CLASSES, SITES
+from skin_lesion.info import CLASSES, SITES, DataError
 from skin_lesion.metrics import balanced_accuracy, classification_metrics, lesion_bootstrap
 from skin_lesion.runs import TEST, RunFolder
 
@@ -147,9 +147,12 @@ def fit_decision_layer(
     )
 
 
-def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray], test: pd.DataFrame, out: str | os.PathLike | None = None) -> dict:
+def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray], test: pd.DataFrame, out: str | os.PathLike | None = None,
+                         name: str = TEST, runs: list[RunFolder] | None = None, extra: dict | None = None) -> dict:
     """Test metrics of a fitted decision layer (argmax, and at its melanoma
-    threshold); with ``out``, writes ``metrics.json`` and ``predictions.csv`` there."""
+    threshold); with ``out``, writes ``metrics.json`` and ``predictions.csv``
+    there (``metrics_NAME.json`` and ``predictions_NAME.csv`` for an external
+    set ``name``) and records ``runs``, the runs it may stack, in its manifest."""
     y = label_ids(test["dx"])
     probs = layer.probs(test_probs, test)
     pred = decide(probs, layer.mel_threshold)
@@ -159,12 +162,18 @@ def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray]
         calibrated=classification_metrics(y, probs),
         intervals_95=lesion_bootstrap(y, probs, test["lesion_id"].to_numpy() if "lesion_id" in test else None),
         mel_operating_point=operating_point(y, probs, layer.mel_threshold, layer.target_mel_recall, layer.mel_confidence, layer.val_mel_recall),
+        evaluated_on=name,
+        **(extra or {}),
     )
     if out is not None:
         folder = RunFolder(out).mkdir()
-        folder.write_json(folder.metrics_file(), result)
-        folder.write_table(folder.predictions_file(), prediction_table(test, probs, pred))
-        folder.update_manifest({TEST: {"metrics": folder.metrics_file().name, "predictions": folder.predictions_file().name}}, kind="decision_layer", models=layer.models)
+        folder.write_json(folder.metrics_file(name), result)
+        folder.write_table(folder.predictions_file(name), prediction_table(test, probs, pred))
+        fields = dict(kind="decision_layer", models=layer.models)
+        if runs is not None:
+            fields["stacked_runs"] = [os.path.relpath(r.path.resolve(), folder.path.resolve()) for r in runs]
+        folder.update_manifest({name: {"metrics": folder.metrics_file(name).name, "predictions": folder.predictions_file(name).name}}, **fields)
+        result["files"] = [str(folder.metrics_file(name)), str(folder.predictions_file(name))]
     return result
 
 
@@ -177,4 +186,40 @@ def stack_runs(runs: list[str | os.PathLike], out: str | os.PathLike, target_mel
     test, test_probs = aligned_probabilities(runs, TEST)
     layer = fit_decision_layer(val_probs, val, target_mel_recall=target_mel_recall, mel_confidence=mel_confidence)
     log.info("Decision layer: %s (validation CV balanced accuracy %.3f)", layer.summary(), layer.cv_balanced_accuracy)
-    return score_decision_layer(layer, test_probs, test, out)
+    return score_decision_layer(layer, test_probs, test, out, runs=runs)
+
+
+def evaluate_stacked_external(
+    stacked: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike, tta: int = 8, name: str | None = None, skip_missing: bool = False,
+) -> dict:
+    """A decision layer (``stack --out``) scored on an external labelled set, as it decides on its test split.
+
+    Each run it may stack is scored on the set first (``evaluate_run``: its
+    outputs ``metrics_NAME.json`` and ``predictions_NAME.csv`` in its folder);
+    the layer is fitted again on the same validation predictions (the same
+    choice of models, metadata, C and melanoma threshold, which is checked)
+    and its ``metrics_NAME.json`` and ``predictions_NAME.csv`` are written
+    beside its test metrics.
+    """
+    import json
+
+    from skin_lesion.evaluate import evaluate_run
+
+    folder = RunFolder(stacked)
+    manifest = folder.manifest()
+    if manifest.get("kind") != "decision_layer" or not manifest.get("stacked_runs"):
+        raise DataError(f"{folder.path}: not a decision layer that names its runs; make it (again) with `stack RUNS --out {folder.path}`")
+    recorded = json.loads(folder.metrics_file().read_text())["decision_layer"]
+    runs = [RunFolder(folder.path / r) for r in manifest["stacked_runs"]]
+    target, confidence = recorded["target_mel_recall"], recorded["mel_confidence"]
+    scored = [evaluate_run(r.path, images=images, labels=labels, tta=tta, name=name, skip_missing=skip_missing,
+                           target_mel_recall=target, mel_confidence=confidence) for r in runs]
+    name = scored[0].evaluated_on
+    val, val_probs = aligned_probabilities(runs, "val")
+    layer = fit_decision_layer(val_probs, val, target_mel_recall=target, mel_confidence=confidence)
+    if layer.models != recorded["models"] or layer.metadata != recorded["metadata"] or layer.C != recorded["C"]:
+        raise DataError(f"{folder.path}: its runs' validation predictions no longer give the decision layer it recorded; stack them again")
+    external, external_probs = aligned_probabilities(runs, name)
+    extra = dict(images=str(images), labels=str(labels), skipped=scored[0].extra.get("skipped", []),
+                 member_balanced_accuracy={r.label: s.calibrated["balanced_accuracy"] for r, s in zip(runs, scored)})
+    return score_decision_layer(layer, external_probs, external, folder.path, name=name, extra=extra)

@@ -265,3 +265,32 @@ def test_a_mean_ensemble_scores_an_external_set_as_it_decides_on_test(smoke_runs
     assert metrics["calibrated"]["balanced_accuracy"] == pytest.approx(balanced_accuracy(label_ids(mine["dx"]), decided))
     res = cli("evaluate", "--run", str(ensemble))
     assert res.returncode != 0 and "is a mean ensemble" in res.stderr
+
+
+def test_a_decision_layer_scores_an_external_set_as_it_decides_on_test(smoke_runs, labelled, tmp_path):
+    """The study's decision layer on an external folder: its runs scored and written, the layer
+    fitted again on the same validation predictions (same choice), then its threshold applied."""
+    from skin_lesion.calibration import decide
+    from skin_lesion.data import label_ids
+    from skin_lesion.metrics import balanced_accuracy
+
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_runs, runs, ignore=shutil.ignore_patterns("checkpoint-epoch*.keras"))
+    stacked = runs / "smoke_stacked"
+    images = tmp_path / "clinic"
+    external_folder(labelled, images).to_csv(tmp_path / "labels.csv", index=False)
+    res = evaluate(stacked, images, tmp_path / "labels.csv")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"-> {stacked / 'metrics_clinic.json'}, {stacked / 'predictions_clinic.csv'}" in res.stdout
+    manifest = json.loads((stacked / "manifest.json").read_text())
+    assert manifest["outputs"]["clinic"] == {"metrics": "metrics_clinic.json", "predictions": "predictions_clinic.csv"}
+    for run in manifest["stacked_runs"]:  # every run it may stack was scored on the set
+        assert ((stacked / run).resolve() / "predictions_clinic.csv").exists()
+    test_metrics, metrics = (json.loads((stacked / f).read_text()) for f in ("metrics.json", "metrics_clinic.json"))
+    assert metrics["decision_layer"] == test_metrics["decision_layer"] and metrics["calibrated"]["n"] == len(labelled)
+    mine = pd.read_csv(stacked / "predictions_clinic.csv", dtype={"image_id": str})
+    decided = decide(mine[list(CLASSES)].to_numpy(), metrics["decision_layer"]["mel_threshold"])
+    assert (mine["pred_dx"] == [CLASSES[i] for i in decided]).all()
+    assert metrics["calibrated"]["balanced_accuracy"] == pytest.approx(balanced_accuracy(label_ids(mine["dx"]), mine[list(CLASSES)].to_numpy().argmax(1)))
+    res = cli("evaluate", "--run", str(stacked))
+    assert res.returncode != 0 and "is a decision layer" in res.stderr
