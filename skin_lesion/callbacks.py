@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import time
-import weakref
 
 import keras
 import numpy as np
@@ -24,9 +23,6 @@ from skin_lesion.runs import RunFolder
 log = logging.getLogger("skin_lesion")
 
 
-_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled forward pass (predict_probs)
-
-
 def predict_probs(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
     """The model's outputs on ``dataset``, in its order.
 
@@ -37,9 +33,10 @@ def predict_probs(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
     """
     if not is_multi_worker(model.distribute_strategy):
         return model.predict(dataset, verbose=0)
-    if model not in _FORWARD:
-        _FORWARD[model] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    forward = _FORWARD[model]
+    forward = getattr(model, "_local_forward", None)
+    if forward is None:
+        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        object.__setattr__(model, "_local_forward", forward)  # kept with the model, outside Keras' attribute tracking
     return np.concatenate([keras.ops.convert_to_numpy(forward(x)) for x, *_ in dataset]).astype("float32")
 
 

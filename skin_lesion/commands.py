@@ -74,12 +74,13 @@ def worker_argv(argv: list[str]) -> list[str]:
 
 
 def train_cmd(args) -> int:
-    from skin_lesion.workers import is_chief, launch_local_workers
+    from skin_lesion.workers import cluster_size, is_chief, launch_local_workers, stop_with_launcher
 
     cfg = train_config(args)
+    stop_with_launcher()
+    if (args.local_workers or cluster_size() > 1) and args.folds and args.fold is None:
+        raise SystemExit("train: several workers train one run; for k-fold CV pass --fold I to each fold's run")
     if args.local_workers:
-        if args.folds and args.fold is None:
-            raise SystemExit("train: --local-workers trains one run; for k-fold CV pass --fold I to each")
         launch_local_workers(worker_argv(args.argv[1:]), args.local_workers, log_dir=Path(cfg.run).with_name(Path(cfg.run).name + ".workers"))
         return 0 if args.no_eval else evaluate_and_print(cfg.run, args.tta)
     if args.folds and args.fold is None:
@@ -322,6 +323,10 @@ def tune_cmd(args) -> int:
 
 def study_cmd(args) -> int:
     from skin_lesion.study import evaluate_study, shift_table, train_study
+    from skin_lesion.workers import cluster_size
+
+    if cluster_size() > 1:
+        raise SystemExit("study: trains in one process; unset TF_CONFIG (several workers train one run at a time with `train`)")
 
     train_study(args.runs, args.profile, args.data, seed=args.seed, pretrained=args.backbone, holdout_source=args.holdout_source)
     table = shift_table(evaluate_study(args.runs, args.profile))

@@ -29,8 +29,8 @@ def strategy_for(devices: int = 0, mixed_precision: bool = False) -> tf.distribu
     workers; else MirroredStrategy over all GPUs, or over ``devices`` logical CPUs
     (for tests); else the default strategy. With ``mixed_precision``, layers
     compute in float16 and keep float32 weights."""
-    if mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    # Set either way: a process that trains several runs (a notebook) must not keep an earlier run's policy.
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
     gpus = tf.config.list_physical_devices("GPU")
     if cluster_size() > 1:
         # Gradients are all-reduced between workers by TensorFlow's collectives (NCCL between GPUs, ring otherwise).

@@ -110,11 +110,11 @@ def make_split_table(meta: pd.DataFrame, folds: int | None = None, seed: int = 0
     the images it drops (other sources' photographs of its lesions) are left out.
     """
     out = meta[["image_id", "lesion_id", "dx"]].copy()
-    if holdout_source:
+    if holdout_source is not None:
         if folds or by != "lesion":
             raise DataError("--holdout-source makes its own lesion-grouped train/val/test split; it does not combine with --folds or --split-by image")
-        out["dataset"] = meta["dataset"]
         out["split"] = holdout_source_split(meta, holdout_source, seed=seed)
+        out["dataset"] = meta["dataset"]
         return out.dropna(subset=["split"]).reset_index(drop=True)
     if folds:
         out["fold"] = lesion_folds(meta, folds, seed)

@@ -196,10 +196,11 @@ def evaluate_stacked_external(
 
     Each run it may stack is scored on the set first (``evaluate_run``: its
     outputs ``metrics_NAME.json`` and ``predictions_NAME.csv`` in its folder);
-    the layer is fitted again on the same validation predictions (the same
-    choice of models, metadata, C and melanoma threshold, which is checked)
-    and its ``metrics_NAME.json`` and ``predictions_NAME.csv`` are written
-    beside its test metrics.
+    the layer is fitted again on the same validation predictions, first (the
+    same choice of models, metadata, C, cross-validated score and melanoma
+    threshold, which is checked), and its ``metrics_NAME.json`` and
+    ``predictions_NAME.csv`` are written beside its test metrics. The
+    operating point's target and confidence are the layer's own.
     """
     import json
 
@@ -212,13 +213,15 @@ def evaluate_stacked_external(
     recorded = json.loads(folder.metrics_file().read_text())["decision_layer"]
     runs = [RunFolder(folder.path / r) for r in manifest["stacked_runs"]]
     target, confidence = recorded["target_mel_recall"], recorded["mel_confidence"]
+    val, val_probs = aligned_probabilities(runs, "val")
+    layer = fit_decision_layer(val_probs, val, target_mel_recall=target, mel_confidence=confidence)
+    fitted = layer.summary()
+    if any(fitted[k] != recorded[k] for k in ("models", "metadata", "C")) or any(
+            abs(fitted[k] - recorded[k]) > 1e-9 for k in ("mel_threshold", "cv_balanced_accuracy")):
+        raise DataError(f"{folder.path}: its runs' validation predictions no longer give the decision layer it recorded; stack them again")
     scored = [evaluate_run(r.path, images=images, labels=labels, tta=tta, name=name, skip_missing=skip_missing,
                            target_mel_recall=target, mel_confidence=confidence) for r in runs]
     name = scored[0].evaluated_on
-    val, val_probs = aligned_probabilities(runs, "val")
-    layer = fit_decision_layer(val_probs, val, target_mel_recall=target, mel_confidence=confidence)
-    if layer.models != recorded["models"] or layer.metadata != recorded["metadata"] or layer.C != recorded["C"]:
-        raise DataError(f"{folder.path}: its runs' validation predictions no longer give the decision layer it recorded; stack them again")
     external, external_probs = aligned_probabilities(runs, name)
     extra = dict(images=str(images), labels=str(labels), skipped=scored[0].extra.get("skipped", []),
                  member_balanced_accuracy={r.label: s.calibrated["balanced_accuracy"] for r, s in zip(runs, scored)})

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
+import sys
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,9 +39,10 @@ PHASE_SEED_STRIDE = 1000  # phase k trains on the pipeline seeded cfg.seed + 100
 
 def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0, xla: bool = False) -> None:
     """Adam + (optionally smoothed) sparse cross-entropy + accuracy; with ``xla``
-    (the GPU path), the train step compiled by XLA when every layer supports it
-    (Keras' own "auto" rule, applied on a CPU too, where "auto" means off): not
-    with augmentation inside the model, whose random layers XLA cannot compile."""
+    (the GPU path on one replica: Keras' "auto" leaves XLA off under a
+    distribution strategy too), the train step compiled by XLA when every
+    layer supports it, as "auto" decides on a GPU (on a CPU "auto" means off):
+    not with augmentation inside the model, whose random layers XLA cannot compile."""
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
         loss=make_loss(label_smoothing),
@@ -85,12 +89,8 @@ def prepare_split(cfg: TrainConfig, ds: Dataset, run: RunFolder) -> pd.DataFrame
 
 
 def _start_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, RunFolder]:
-    """The resolved config and the run folder: a new run writes its config, a resumed one reads it.
-
-    A worker other than the chief of a multi-worker run gets a temporary copy
-    of the run folder (``worker_run``): only the chief writes the real one."""
-    run = RunFolder(cfg.run) if is_chief() else RunFolder(worker_run(RunFolder(cfg.run), resume))
-    cfg = replace(cfg, run=str(run.path))
+    """The resolved config and the run folder: a new run writes its config, a resumed one reads it."""
+    run = RunFolder(cfg.run)
     if resume:
         if not run.config_file.exists():
             raise DataError(f"{run.path}: nothing to resume (no config.json); start it without --resume")
@@ -122,12 +122,18 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     others' temporary folders are removed when they finish.
     """
     requested = RunFolder(cfg.run).path
-    cfg, run = _start_run(cfg, resume)
+    if cluster_size() > 1 and threading.current_thread() is threading.main_thread():  # a worker told to stop still removes its scratch copy
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    scratch = None
     try:
+        if not is_chief():  # only the chief writes the run folder; the others train into a scratch copy
+            scratch = worker_run(RunFolder(cfg.run), resume)
+            cfg = replace(cfg, run=str(scratch))
+        cfg, run = _start_run(cfg, resume)
         _train(cfg, run, verbose)
     finally:
-        if run.path != requested:  # a non-chief worker's scratch copy
-            shutil.rmtree(run.path, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return requested
 
 
@@ -169,7 +175,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
             else:
                 model = _phase_model(cfg, run, prior, training_steps=train_pipe.steps * cfg.epochs)
                 set_backbone_trainable(model, phase.unfreeze_from, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
-                compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path)
+                compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path and strategy.num_replicas_in_sync == 1)
         model = prepare_model(model, strategy, cfg.image_size)
         log.info("Phase %s: epochs %d-%d, lr %.2g, %d trainable weights", phase.name, phase.start + 1, phase.end, phase.lr, len(model.trainable_weights))
         averaging = cfg.average_last > 0 and phase.end == cfg.epochs

@@ -272,7 +272,10 @@ def test_a_decision_layer_scores_an_external_set_as_it_decides_on_test(smoke_run
     fitted again on the same validation predictions (same choice), then its threshold applied."""
     from skin_lesion.calibration import decide
     from skin_lesion.data import label_ids
+    from skin_lesion.ensemble import aligned_probabilities
     from skin_lesion.metrics import balanced_accuracy
+    from skin_lesion.runs import RunFolder
+    from skin_lesion.stacking import fit_decision_layer
 
     runs = tmp_path / "runs"
     shutil.copytree(smoke_runs, runs, ignore=shutil.ignore_patterns("checkpoint-epoch*.keras"))
@@ -289,6 +292,13 @@ def test_a_decision_layer_scores_an_external_set_as_it_decides_on_test(smoke_run
     test_metrics, metrics = (json.loads((stacked / f).read_text()) for f in ("metrics.json", "metrics_clinic.json"))
     assert metrics["decision_layer"] == test_metrics["decision_layer"] and metrics["calibrated"]["n"] == len(labelled)
     mine = pd.read_csv(stacked / "predictions_clinic.csv", dtype={"image_id": str})
+    # The layer refitted on the runs' validation predictions, applied to their predictions on the set.
+    stacked_runs = [RunFolder((stacked / r).resolve()) for r in manifest["stacked_runs"]]
+    val, val_probs = aligned_probabilities(stacked_runs, "val")
+    layer = fit_decision_layer(val_probs, val, target_mel_recall=0.8, mel_confidence=0.95)
+    frame, probs = aligned_probabilities(stacked_runs, "clinic")
+    assert frame["image_id"].tolist() == mine["image_id"].tolist()
+    np.testing.assert_allclose(mine[list(CLASSES)].to_numpy(), layer.probs(probs, frame), atol=1e-9)
     decided = decide(mine[list(CLASSES)].to_numpy(), metrics["decision_layer"]["mel_threshold"])
     assert (mine["pred_dx"] == [CLASSES[i] for i in decided]).all()
     assert metrics["calibrated"]["balanced_accuracy"] == pytest.approx(balanced_accuracy(label_ids(mine["dx"]), mine[list(CLASSES)].to_numpy().argmax(1)))

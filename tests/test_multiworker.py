@@ -38,10 +38,7 @@ def _weights(run: Path) -> list[np.ndarray]:
     return keras.models.load_model(run / "model.keras", safe_mode=True, compile=False).get_weights()
 
 
-def test_two_workers_train_like_one_with_the_same_global_batch(demo_dir, tmp_path, monkeypatch):
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setenv("TMPDIR", str(scratch))  # where the non-chief worker's temporary run folder goes
+def test_two_workers_train_like_one_with_the_same_global_batch(demo_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     res = cli(*RUN, "--batch-size", "16", "--data", str(demo_dir), "--run", str(one))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -53,7 +50,7 @@ def test_two_workers_train_like_one_with_the_same_global_batch(demo_dir, tmp_pat
     assert {"config.json", "split.csv", "state.json", "history.csv", "model.keras", "manifest.json"} <= {p.name for p in two.iterdir()}
     assert pd.read_csv(two / "history.csv")["epoch"].tolist() == [0, 1]
     assert json.loads((two / "config.json").read_text())["run"] == str(two)
-    assert not [p for p in scratch.iterdir() if p.name.startswith("skin_lesion_worker")]
+    assert not (tmp_path / "two.workers" / "scratch").exists()
     worker1 = (tmp_path / "two.workers" / "worker1.log").read_text()
     assert "this is worker 1" in worker1 and re.search(r"Run \S*skin_lesion_worker1_\w+: efficientnet_lite0", worker1)  # into its scratch copy
 
@@ -61,8 +58,9 @@ def test_two_workers_train_like_one_with_the_same_global_batch(demo_dir, tmp_pat
     diffs = [float(np.abs(a - b).max()) for a, b in zip(_weights(one), _weights(two))]
     assert max(diffs) <= WEIGHT_TOLERANCE, f"largest weight difference {max(diffs):.2e}"
     h1, h2 = pd.read_csv(one / "history.csv"), pd.read_csv(two / "history.csv")
-    assert h1["val_balanced_accuracy"].tolist() == h2["val_balanced_accuracy"].tolist()
     np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-5)
+    # Equal here; a weight 1e-6 away could flip one validation image on another CPU.
+    np.testing.assert_allclose(h1["val_balanced_accuracy"], h2["val_balanced_accuracy"], atol=0.05)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -77,7 +75,8 @@ def test_a_killed_worker_stops_the_run_and_resume_finishes_it(demo_dir, tmp_path
     run = tmp_path / "killed"
     args = [*RUN, "--epochs", "3", "--batch-size", "8", "--local-workers", "2", "--data", str(demo_dir), "--run", str(run)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    launcher = subprocess.Popen([sys.executable, "-m", "skin_lesion", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([sys.executable, "-m", "skin_lesion", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     pids = {}
     try:
         while len(pids) < 2:
@@ -91,16 +90,17 @@ def test_a_killed_worker_stops_the_run_and_resume_finishes_it(demo_dir, tmp_path
         os.kill(pids[1], signal.SIGKILL)
         out, err = launcher.communicate(timeout=120)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        if launcher.poll() is None:  # the test failed part-way: stop the launcher and its workers
+            os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode == 2
     assert "worker 1 of 2 stopped (killed by SIGKILL); the other workers were stopped" in err
     assert "--resume" in err
     for pid in pids.values():  # no worker left behind
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0]
+    assert not (tmp_path / "killed.workers" / "scratch").exists()  # the other worker's copy, removed by the launcher
 
-    res = cli(*[a for a in args if a != "--no-eval"], "--resume")
+    res = cli(*[a for a in args if a != "--no-eval"], "--resume", "--tta", "2")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
     assert json.loads((run / "state.json").read_text())["epochs_done"] == 3
@@ -120,7 +120,14 @@ def test_cluster_helpers(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "not json")
     with pytest.raises(UserError, match="TF_CONFIG is not a cluster description"):
         tf_config()
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]}, "task": {"type": "chief", "index": 0}}))
+    with pytest.raises(UserError, match="only a cluster of workers is supported"):
+        tf_config()
+    with pytest.raises(UserError, match="unset TF_CONFIG"):
+        launch_local_workers([], 2)
     monkeypatch.delenv("TF_CONFIG")
     assert tf_config() is None
     assert worker_argv(["--run", "r", "--local-workers", "2", "--seed", "1"]) == ["--run", "r", "--seed", "1", "--no-eval"]
     assert worker_argv(["--local-workers=3", "--no-eval"]) == ["--no-eval"]
+    res = cli("train", "--lo", "2")  # an abbreviation would reach the workers and make each launch more
+    assert res.returncode == 2 and "unrecognized arguments: --lo 2" in res.stderr
