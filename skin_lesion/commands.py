@@ -305,9 +305,18 @@ def summarize_cmd(args) -> int:
     return 0
 
 
+def refuse_cluster(command: str) -> None:
+    """Stop a command that trains in one process when TF_CONFIG names a cluster of workers."""
+    from skin_lesion.workers import cluster_size
+
+    if cluster_size() > 1:
+        raise SystemExit(f"{command}: trains in one process; unset TF_CONFIG (several workers train one run at a time with `train`)")
+
+
 def report_cmd(args) -> int:
     from skin_lesion.report import build_report
 
+    refuse_cluster("report")
     out = build_report(profile=args.profile, data=args.data, out=args.out, seed=args.seed, runs=args.runs)
     print(f"report: {out}")
     return 0
@@ -323,10 +332,8 @@ def tune_cmd(args) -> int:
 
 def study_cmd(args) -> int:
     from skin_lesion.study import evaluate_study, shift_table, train_study
-    from skin_lesion.workers import cluster_size
 
-    if cluster_size() > 1:
-        raise SystemExit("study: trains in one process; unset TF_CONFIG (several workers train one run at a time with `train`)")
+    refuse_cluster("study")
 
     train_study(args.runs, args.profile, args.data, seed=args.seed, pretrained=args.backbone, holdout_source=args.holdout_source)
     table = shift_table(evaluate_study(args.runs, args.profile))
