@@ -314,9 +314,9 @@ def refuse_cluster(command: str) -> None:
 
 
 def report_cmd(args) -> int:
+    refuse_cluster("report")
     from skin_lesion.report import build_report
 
-    refuse_cluster("report")
     out = build_report(profile=args.profile, data=args.data, out=args.out, seed=args.seed, runs=args.runs)
     print(f"report: {out}")
     return 0
@@ -331,9 +331,8 @@ def tune_cmd(args) -> int:
 
 
 def study_cmd(args) -> int:
-    from skin_lesion.study import evaluate_study, shift_table, train_study
-
     refuse_cluster("study")
+    from skin_lesion.study import evaluate_study, shift_table, train_study
 
     train_study(args.runs, args.profile, args.data, seed=args.seed, pretrained=args.backbone, holdout_source=args.holdout_source)
     table = shift_table(evaluate_study(args.runs, args.profile))

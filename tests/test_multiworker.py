@@ -125,6 +125,10 @@ def test_cluster_helpers(monkeypatch):
         tf_config()
     with pytest.raises(UserError, match="unset TF_CONFIG"):
         launch_local_workers([], 2)
+    monkeypatch.setenv("TF_CONFIG", cluster_config(["a:1", "b:2"], 0))
+    for command in ("study", "report"):  # they train in one process
+        res = cli(command, "--profile", "smoke")
+        assert res.returncode == 1 and "trains in one process; unset TF_CONFIG" in res.stderr
     monkeypatch.delenv("TF_CONFIG")
     assert tf_config() is None
     assert worker_argv(["--run", "r", "--local-workers", "2", "--seed", "1"]) == ["--run", "r", "--seed", "1", "--no-eval"]
