@@ -1,6 +1,6 @@
 """Training throughput on one worker and on several local workers, same global batch.
 
-    python bench/multiworker.py [--data DIR] [--workers 1 2] [--image-size 96]
+    python bench/multiworker.py [--data DIR] [--workers 1 2] [--image-size 128]
 
 Trains the same run (EfficientNet-Lite0, a few epochs on a class-balanced
 subset) once as a single process and once per ``--workers`` count through
@@ -59,8 +59,8 @@ def main() -> None:
     ap.add_argument("--data", help="dataset folder (default: $SKIN_LESION_DATA, else the synthetic demo set)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--global-batch", dest="global_batch", type=int, default=32)
-    ap.add_argument("--max-per-class", dest="max_per_class", type=int, default=60)
-    ap.add_argument("--image-size", dest="image_size", type=int, default=96)
+    ap.add_argument("--max-per-class", dest="max_per_class", type=int, default=200)
+    ap.add_argument("--image-size", dest="image_size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=3)
     args = ap.parse_args()
     print(f"{os.cpu_count()} cores; Lite0 at {args.image_size} px, {args.max_per_class} images a class at most, "
