@@ -235,6 +235,21 @@ def test_images_from_other_software_score_and_predict_agrees_with_the_library_an
             assert abs(t["probability"] - library[CLASSES.index(t["dx"])]) <= 5e-5 + 1e-6, (name, t)
 
 
+def _score_on_clinic(smoke_runs: Path, name: str, labelled: pd.DataFrame, tmp_path: Path) -> tuple[Path, object, dict]:
+    """A copy of the smoke study's combination ``name`` scored by `evaluate` on a 12-image external
+    folder called clinic; returns its folder, the finished command and its manifest (which lists the outputs)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_runs, runs, ignore=shutil.ignore_patterns("checkpoint-epoch*.keras"))
+    folder = runs / name
+    images = tmp_path / "clinic"
+    external_folder(labelled, images).to_csv(tmp_path / "labels.csv", index=False)
+    res = evaluate(folder, images, tmp_path / "labels.csv")
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["outputs"]["clinic"] == {"metrics": "metrics_clinic.json", "predictions": "predictions_clinic.csv"}
+    return folder, res, manifest
+
+
 def test_a_mean_ensemble_scores_an_external_set_as_it_decides_on_test(smoke_runs, labelled, tmp_path):
     """The study's ensemble (logit-adjusted, members at two sizes) on an external folder: each member
     scored and written, then the mean with the ensemble's own temperature, offset and threshold."""
@@ -243,16 +258,8 @@ def test_a_mean_ensemble_scores_an_external_set_as_it_decides_on_test(smoke_runs
     from skin_lesion.metrics import balanced_accuracy
     from skin_lesion.runs import RunFolder
 
-    runs = tmp_path / "runs"
-    shutil.copytree(smoke_runs, runs, ignore=shutil.ignore_patterns("checkpoint-epoch*.keras"))
-    ensemble = runs / "smoke_ensemble"
-    images = tmp_path / "clinic"
-    external_folder(labelled, images).to_csv(tmp_path / "labels.csv", index=False)
-    res = evaluate(ensemble, images, tmp_path / "labels.csv")
-    assert res.returncode == 0, res.stderr[-3000:]
+    ensemble, res, manifest = _score_on_clinic(smoke_runs, "smoke_ensemble", labelled, tmp_path)
     assert written_files(res.stdout) == [str(ensemble / "metrics_clinic.json"), str(ensemble / "predictions_clinic.csv")]
-    manifest = json.loads((ensemble / "manifest.json").read_text())
-    assert manifest["outputs"]["clinic"] == {"metrics": "metrics_clinic.json", "predictions": "predictions_clinic.csv"}
     members = [(ensemble / m).resolve() for m in manifest["members"]]
     member_probs = [pd.read_csv(m / "predictions_clinic.csv", dtype={"image_id": str}).sort_values("image_id")[list(CLASSES)].to_numpy() for m in members]
     mine = pd.read_csv(ensemble / "predictions_clinic.csv", dtype={"image_id": str}).sort_values("image_id")
@@ -277,16 +284,8 @@ def test_a_decision_layer_scores_an_external_set_as_it_decides_on_test(smoke_run
     from skin_lesion.runs import RunFolder
     from skin_lesion.stacking import fit_decision_layer
 
-    runs = tmp_path / "runs"
-    shutil.copytree(smoke_runs, runs, ignore=shutil.ignore_patterns("checkpoint-epoch*.keras"))
-    stacked = runs / "smoke_stacked"
-    images = tmp_path / "clinic"
-    external_folder(labelled, images).to_csv(tmp_path / "labels.csv", index=False)
-    res = evaluate(stacked, images, tmp_path / "labels.csv")
-    assert res.returncode == 0, res.stderr[-3000:]
+    stacked, res, manifest = _score_on_clinic(smoke_runs, "smoke_stacked", labelled, tmp_path)
     assert f"-> {stacked / 'metrics_clinic.json'}, {stacked / 'predictions_clinic.csv'}" in res.stdout
-    manifest = json.loads((stacked / "manifest.json").read_text())
-    assert manifest["outputs"]["clinic"] == {"metrics": "metrics_clinic.json", "predictions": "predictions_clinic.csv"}
     for run in manifest["stacked_runs"]:  # every run it may stack was scored on the set
         assert ((stacked / run).resolve() / "predictions_clinic.csv").exists()
     test_metrics, metrics = (json.loads((stacked / f).read_text()) for f in ("metrics.json", "metrics_clinic.json"))
