@@ -151,10 +151,13 @@ def evaluate_cmd(args) -> int:
     from skin_lesion.inference import resize_run
     from skin_lesion.runs import RunFolder
 
-    if RunFolder(args.run).manifest().get("kind") == "decision_layer":  # scored through the runs it stacks
-        if not args.images or args.out:
-            raise SystemExit(f"evaluate: {args.run} is a decision layer; `stack` scored it on its test split, and "
-                             "evaluate scores it on an external set (--images and --labels), not at another size")
+    manifest = RunFolder(args.run).manifest()
+    combination = "a decision layer" if manifest.get("kind") == "decision_layer" else "a mean ensemble" if manifest.get("members") else None
+    if combination and (not args.images or args.out):  # scored through its runs, on an external set only
+        made_by = "stack" if manifest.get("kind") == "decision_layer" else "ensemble"
+        raise SystemExit(f"evaluate: {args.run} is {combination}; `{made_by}` scored it on its test split, and "
+                         "evaluate scores it on an external set (--images and --labels), not at another size")
+    if combination == "a decision layer":
         from skin_lesion.stacking import evaluate_stacked_external
 
         m = evaluate_stacked_external(args.run, args.images, args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing)
@@ -162,10 +165,7 @@ def evaluate_cmd(args) -> int:
         print_headline(m["calibrated"], ece=True)
         print(operating_point_line(m["mel_operating_point"]))
         return 0
-    if RunFolder(args.run).members():  # a mean ensemble: scored through its members
-        if not args.images or args.out:
-            raise SystemExit(f"evaluate: {args.run} is a mean ensemble; `ensemble` scored it on its test split, and "
-                             "evaluate scores it on an external set (--images and --labels), not at another size")
+    if combination == "a mean ensemble":
         from skin_lesion.ensemble import evaluate_ensemble_external
 
         result = evaluate_ensemble_external(args.run, args.images, args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing, **operating_point(args))

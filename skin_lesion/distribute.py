@@ -65,7 +65,7 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode()
 
 
-def prepare_model(model: keras.Model, strategy: tf.distribute.Strategy, image_size: int) -> keras.Model:
+def prepare_model(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
     """Make ``model.fit`` run under a multi-worker ``strategy`` (else return it unchanged).
 
     Before its first step ``fit`` builds the compiled metrics from a first
@@ -79,7 +79,7 @@ def prepare_model(model: keras.Model, strategy: tf.distribute.Strategy, image_si
 
     def build_from_shapes(iterator=None, data_batch=None):
         with strategy.scope():
-            model._symbolic_build(data_batch=(tf.zeros((1, image_size, image_size, 3)), tf.zeros((1,), tf.int32)))
+            model._symbolic_build(data_batch=(tf.zeros((1, *model.input_shape[1:])), tf.zeros((1,), tf.int32)))
 
     model._maybe_symbolic_build = build_from_shapes
     return model

@@ -34,6 +34,11 @@ def aligned_probabilities(runs: list[RunFolder], split: str) -> tuple[pd.DataFra
     return base, out
 
 
+def member_mean(probs: dict[str, np.ndarray]) -> np.ndarray:
+    """The mean of the runs' (calibrated) probabilities: what a mean ensemble scores."""
+    return np.mean(list(probs.values()), axis=0)
+
+
 def train_class_frequency(run: RunFolder) -> np.ndarray:
     """Each class's share of the training rows of the run's ``split.csv`` (CLASSES order)."""
     split = run.read_split()
@@ -62,7 +67,7 @@ def mean_runs(
     runs, out = [RunFolder(r) for r in runs], RunFolder(out)
     val, val_probs = aligned_probabilities(runs, "val")
     test, test_probs = aligned_probabilities(runs, TEST)
-    p_val, p_test = (np.mean(list(p.values()), axis=0) for p in (val_probs, test_probs))
+    p_val, p_test = member_mean(val_probs), member_mean(test_probs)
     members = [os.path.relpath(r.path.resolve(), out.path.resolve()) for r in runs]
     extra: dict = dict(ensemble=members)
     offset = None
@@ -74,6 +79,26 @@ def mean_runs(
     out.update_manifest(kind="mean_ensemble", members=members, logit_offset=None if offset is None else offset.tolist())
     # tta_views None: the members' saved probabilities carry their own TTA (in their manifests)
     return score_predictions(out.path, None, val, p_val, test, p_test, None, target_mel_recall, TEST, mel_confidence, extra=extra, logit_offset=offset)
+
+
+def score_runs_external(
+    runs: list[RunFolder], images: str | os.PathLike, labels: str | os.PathLike, tta: int, name: str | None, skip_missing: bool,
+    target_mel_recall: float, mel_confidence: float | None,
+) -> tuple[str, pd.DataFrame, dict[str, np.ndarray], dict]:
+    """Score each run on an external labelled set (``evaluate_run``: its outputs
+    ``metrics_NAME.json`` and ``predictions_NAME.csv`` in its folder), for a
+    combination of them: returns the set's name, its rows and each run's
+    probabilities aligned to them, and what the combination's metrics record
+    (the set, the labelled images skipped, each run's balanced accuracy)."""
+    from skin_lesion.evaluate import evaluate_run
+
+    scored = [evaluate_run(r.path, images=images, labels=labels, tta=tta, target_mel_recall=target_mel_recall,
+                           mel_confidence=mel_confidence, name=name, skip_missing=skip_missing) for r in runs]
+    name = scored[0].evaluated_on
+    external, probs = aligned_probabilities(runs, name)
+    extra = dict(images=str(images), labels=str(labels), skipped=scored[0].extra.get("skipped", []),
+                 member_balanced_accuracy={r.label: s.calibrated["balanced_accuracy"] for r, s in zip(runs, scored)})
+    return name, external, probs, extra
 
 
 def evaluate_ensemble_external(
@@ -90,21 +115,15 @@ def evaluate_ensemble_external(
     ensemble's own ``metrics_NAME.json`` and ``predictions_NAME.csv`` are
     written beside its test metrics.
     """
-    from skin_lesion.evaluate import evaluate_run
-
     folder = RunFolder(ensemble)
-    members = folder.members()
+    manifest = folder.manifest()
+    members = [RunFolder(folder.path / m) for m in manifest.get("members", [])]
     if not members:
         raise DataError(f"{folder.path}: not a mean ensemble (no members in its manifest.json)")
-    scored = [evaluate_run(m.path, images=images, labels=labels, tta=tta, target_mel_recall=target_mel_recall,
-                           mel_confidence=mel_confidence, name=name, skip_missing=skip_missing) for m in members]
-    name = scored[0].evaluated_on
+    name, external, external_probs, extra = score_runs_external(members, images, labels, tta, name, skip_missing, target_mel_recall, mel_confidence)
     val, val_probs = aligned_probabilities(members, "val")
-    external, external_probs = aligned_probabilities(members, name)
-    manifest = folder.manifest()
     offset = manifest.get("logit_offset")
-    extra = dict(ensemble=manifest["members"], images=str(images), labels=str(labels), skipped=scored[0].extra.get("skipped", []),
-                 member_balanced_accuracy={m.label: s.calibrated["balanced_accuracy"] for m, s in zip(members, scored)})
-    p_val, p_external = (np.mean(list(p.values()), axis=0) for p in (val_probs, external_probs))
+    extra = dict(ensemble=manifest["members"], **extra)
+    p_val, p_external = member_mean(val_probs), member_mean(external_probs)
     return score_predictions(folder.path, None, val, p_val, external, p_external, None, target_mel_recall, name, mel_confidence,
                              extra=extra, logit_offset=None if offset is None else np.asarray(offset, dtype=float))

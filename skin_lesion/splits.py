@@ -81,12 +81,12 @@ def holdout_source_split(meta: pd.DataFrame, source: str, val: float = 0.15, see
     held = meta["dataset"] == source
     if held.all():
         raise DataError(f"--holdout-source {source!r} is the only source of this data: nothing would be left to train on")
-    held_lesions = set(meta.loc[held, "lesion_id"])
-    rest = meta[~held & ~meta["lesion_id"].isin(held_lesions)]
+    of_held_lesion = meta["lesion_id"].isin(set(meta.loc[held, "lesion_id"]))
+    rest = meta[~of_held_lesion]
     part = _allocate_lesions(rest.groupby("lesion_id", sort=True)["dx"].first(), {"val": val}, seed)
     out = meta["lesion_id"].map(part).rename("split")
     out[held] = "test"
-    out[~held & meta["lesion_id"].isin(held_lesions)] = np.nan
+    out[~held & of_held_lesion] = np.nan
     return out
 
 

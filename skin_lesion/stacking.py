@@ -20,7 +20,7 @@ import pandas as pd
 
 from skin_lesion.calibration import decide, mel_recall_at, mel_threshold, operating_point
 from skin_lesion.data import label_ids
-from skin_lesion.ensemble import aligned_probabilities
+from skin_lesion.ensemble import aligned_probabilities, score_runs_external
 from skin_lesion.evaluate import prediction_table
 from skin_lesion.info import CLASSES, SITES, DataError
 from skin_lesion.metrics import balanced_accuracy, classification_metrics, lesion_bootstrap
@@ -202,15 +202,11 @@ def evaluate_stacked_external(
     ``predictions_NAME.csv`` are written beside its test metrics. The
     operating point's target and confidence are the layer's own.
     """
-    import json
-
-    from skin_lesion.evaluate import evaluate_run
-
     folder = RunFolder(stacked)
     manifest = folder.manifest()
     if manifest.get("kind") != "decision_layer" or not manifest.get("stacked_runs"):
         raise DataError(f"{folder.path}: not a decision layer that names its runs; make it (again) with `stack RUNS --out {folder.path}`")
-    recorded = json.loads(folder.metrics_file().read_text())["decision_layer"]
+    recorded = folder.metrics()["decision_layer"]
     runs = [RunFolder(folder.path / r) for r in manifest["stacked_runs"]]
     target, confidence = recorded["target_mel_recall"], recorded["mel_confidence"]
     val, val_probs = aligned_probabilities(runs, "val")
@@ -219,10 +215,5 @@ def evaluate_stacked_external(
     if any(fitted[k] != recorded[k] for k in ("models", "metadata", "C")) or any(
             abs(fitted[k] - recorded[k]) > 1e-9 for k in ("mel_threshold", "cv_balanced_accuracy")):
         raise DataError(f"{folder.path}: its runs' validation predictions no longer give the decision layer it recorded; stack them again")
-    scored = [evaluate_run(r.path, images=images, labels=labels, tta=tta, name=name, skip_missing=skip_missing,
-                           target_mel_recall=target, mel_confidence=confidence) for r in runs]
-    name = scored[0].evaluated_on
-    external, external_probs = aligned_probabilities(runs, name)
-    extra = dict(images=str(images), labels=str(labels), skipped=scored[0].extra.get("skipped", []),
-                 member_balanced_accuracy={r.label: s.calibrated["balanced_accuracy"] for r, s in zip(runs, scored)})
+    name, external, external_probs, extra = score_runs_external(runs, images, labels, tta, name, skip_missing, target, confidence)
     return score_decision_layer(layer, external_probs, external, folder.path, name=name, extra=extra)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
-import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from skin_lesion.models import build_model, set_backbone_trainable
 from skin_lesion.pipeline import make_pipeline, sampling_prior
 from skin_lesion.runs import RunFolder
 from skin_lesion.splits import fold_parts, make_split_table, subsample
-from skin_lesion.workers import cluster_size, is_chief, worker_index, worker_scratch
+from skin_lesion.workers import cluster_size, exit_on_signal, is_chief, worker_index, worker_scratch
 
 log = logging.getLogger("skin_lesion")
 PHASE_SEED_STRIDE = 1000  # phase k trains on the pipeline seeded cfg.seed + 1000 k (see train)
@@ -123,7 +122,7 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
     """
     requested = RunFolder(cfg.run).path
     if cluster_size() > 1 and threading.current_thread() is threading.main_thread():  # a worker told to stop still removes its scratch copy
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, exit_on_signal)
     scratch = None
     try:
         if not is_chief():  # only the chief writes the run folder; the others train into a scratch copy
@@ -176,7 +175,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
                 model = _phase_model(cfg, run, prior, training_steps=train_pipe.steps * cfg.epochs)
                 set_backbone_trainable(model, phase.unfreeze_from, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
                 compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path and strategy.num_replicas_in_sync == 1)
-        model = prepare_model(model, strategy, cfg.image_size)
+        model = prepare_model(model, strategy)
         log.info("Phase %s: epochs %d-%d, lr %.2g, %d trainable weights", phase.name, phase.start + 1, phase.end, phase.lr, len(model.trainable_weights))
         averaging = cfg.average_last > 0 and phase.end == cfg.epochs
         callbacks = [  # in this order: each on_epoch_end sees the logs the ones before it added
