@@ -12,7 +12,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the user's way
 
 from skin_lesion import commands  # noqa: E402
-from skin_lesion.config import IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
+from skin_lesion.config import COLOUR_CONSTANCY, IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
 from skin_lesion.info import UserError  # noqa: E402
 
 log = logging.getLogger("skin_lesion")
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-imbalance method (sqrt: square-root class mix, undone at inference)")
     t.add_argument("--augment", type=float, help="augmentation strength (0 = off)")
     t.add_argument("--augment-on", dest="augment_on", choices=["pipeline", "model"], help="run augmentation in tf.data or as the model's first layer (on the GPU)")
+    t.add_argument("--colour-augment", dest="colour_augment", type=float,
+                   help="scale the augmentation's colour jitter (default 1); above 1 each channel's gain also shifts")
+    t.add_argument("--colour-constancy", dest="colour_constancy", choices=COLOUR_CONSTANCY,
+                   help="normalise each image's colour inside the model (shades_of_gray: Shades of Gray, p = 6); default none")
     t.add_argument("--weights", help="imagenet, none, or a weights file")
     t.add_argument("--unfreeze-from", dest="unfreeze_from", help="first backbone layer to fine-tune ('all' for everything)")
     t.add_argument("--average-last", dest="average_last", type=int, help="also save the mean of the weights after the last N fine-tuning epochs, as the run RUN/average (0 = off)")

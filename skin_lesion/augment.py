@@ -26,7 +26,9 @@ class LesionAugment(keras.layers.Layer):
     0.9x to 1.25x (zooming in is a random crop) and a shift of up to 8% -- all
     composed into one affine transform per image, so each image is resampled
     once (reflected at the borders). Colour: hue rotation (in YIQ), contrast
-    and brightness jitter. Chaining Keras' preprocessing layers for the same
+    and brightness jitter, scaled by ``colour``; above 1 each channel's gain
+    also shifts by up to 8% x (``colour`` - 1) (a camera's or lamp's white
+    balance; drawn only then, so ``colour`` = 1 draws as before). Chaining Keras' preprocessing layers for the same
     effects resamples each image several times. Built on ``keras.ops`` and
     ``keras.random``.
 
@@ -35,9 +37,9 @@ class LesionAugment(keras.layers.Layer):
     Keras' ``jit_compile="auto"`` then compiles such a model without XLA.
     """
 
-    def __init__(self, strength: float = 1.0, seed: int | None = None, **kwargs):
+    def __init__(self, strength: float = 1.0, seed: int | None = None, colour: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        self.strength, self.seed = float(strength), seed
+        self.strength, self.seed, self.colour = float(strength), seed, float(colour)
         self.supports_jit = False
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -73,8 +75,8 @@ class LesionAugment(keras.layers.Layer):
         return ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="reflect")
 
     def _colour(self, x, uniform):
-        """Hue rotation, then contrast about each image's mean, then brightness."""
-        ops, s = keras.ops, self.strength
+        """Hue rotation, then contrast about each image's mean, then brightness, then (``colour`` > 1) channel gains."""
+        ops, s = keras.ops, self.strength * self.colour
         n = ops.shape(x)[0]
         hue = uniform(n, -0.1 * math.pi * s, 0.1 * math.pi * s)
         c, si = ops.cos(hue), ops.sin(hue)
@@ -86,7 +88,11 @@ class LesionAugment(keras.layers.Layer):
         mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
         contrast = ops.reshape(uniform(n, 1 - 0.15 * s, 1 + 0.15 * s), (-1, 1, 1, 1))
         brightness = ops.reshape(uniform(n, -0.1 * s, 0.1 * s) * 255, (-1, 1, 1, 1))
-        return ops.clip((x - mean) * contrast + mean + brightness, 0, 255)
+        x = (x - mean) * contrast + mean + brightness
+        if self.colour > 1:
+            g = 0.08 * self.strength * (self.colour - 1)
+            x = x * ops.reshape(ops.stack([uniform(n, 1 - g, 1 + g) for _ in range(3)], axis=-1), (-1, 1, 1, 3))
+        return ops.clip(x, 0, 255)
 
     def call(self, images, training=True, batch_seed=None):
         """``batch_seed`` (tf.data only): an int64 tensor of shape (2,) that fixes
@@ -98,9 +104,9 @@ class LesionAugment(keras.layers.Layer):
         return self._colour(self._geometry(keras.ops.cast(images, self.compute_dtype), uniform), uniform)
 
     def get_config(self):
-        return {**super().get_config(), "strength": self.strength, "seed": self.seed}
+        return {**super().get_config(), "strength": self.strength, "seed": self.seed, "colour": self.colour}
 
 
-def make_augmenter(strength: float = 1.0, seed: int = 0) -> LesionAugment:
-    """The training augmentation (see :class:`LesionAugment`)."""
-    return LesionAugment(strength, seed=seed, name="augment")
+def make_augmenter(strength: float = 1.0, seed: int = 0, colour: float = 1.0) -> LesionAugment:
+    """The training augmentation (see :class:`LesionAugment`); ``colour`` scales its colour jitter."""
+    return LesionAugment(strength, seed=seed, colour=colour, name="augment")

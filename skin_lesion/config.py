@@ -35,6 +35,8 @@ IMBALANCE_METHODS: tuple[str, ...] = ("none", "oversample", "sqrt", "undersample
 # the model's first layer (on the accelerator; the pipeline then only decodes,
 # caches and batches).
 AUGMENT_ON: tuple[str, ...] = ("pipeline", "model")
+# Colour constancy inside the model, before its own scaling (``models.layers.ShadesOfGray``).
+COLOUR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
 
 PROFILES: dict[str, dict] = {
     # Minutes on 2 cores: tiny images, a few images per class, two epochs.
@@ -91,6 +93,8 @@ class TrainConfig:
     imbalance: str | None = None  # unset: the profile's, else "oversample"
     augment: float = 1.0
     augment_on: str | None = None  # "pipeline" (tf.data, on the CPU) or "model" (first layer, on the accelerator)
+    colour_augment: float = 1.0  # scales the augmentation's colour jitter; above 1 it also shifts each channel's gain
+    colour_constancy: str = "none"  # "shades_of_gray": each image's colour normalised inside the model
     weights: str = "imagenet"
     unfreeze_from: str | None = None
     max_per_class: int | None = None
@@ -120,6 +124,10 @@ class TrainConfig:
         out.augment_on = out.augment_on or "pipeline"
         if out.augment_on not in AUGMENT_ON:
             raise DataError(f"unknown augment_on {out.augment_on!r}; choose one of {', '.join(AUGMENT_ON)}")
+        if out.colour_constancy not in COLOUR_CONSTANCY:
+            raise DataError(f"unknown colour_constancy {out.colour_constancy!r}; choose one of {', '.join(COLOUR_CONSTANCY)}")
+        if out.colour_augment < 0:
+            raise DataError(f"colour_augment must be at least 0, got {out.colour_augment}")
         if out.imbalance not in IMBALANCE_METHODS:
             raise DataError(f"unknown imbalance method {out.imbalance!r}; choose one of {', '.join(IMBALANCE_METHODS)}")
         out.unfreeze_from = out.unfreeze_from or UNFREEZE_FROM[out.model]

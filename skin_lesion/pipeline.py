@@ -118,6 +118,7 @@ def make_pipeline(
     augment: bool | float = True,
     cache: str | bool = True,
     seed: int = 0,
+    colour_augment: float = 1.0,
 ) -> Pipeline:
     """Build the pipeline for rows of ``frame`` (columns ``path``, ``dx``).
 
@@ -129,6 +130,7 @@ def make_pipeline(
     ``class_weight`` returns balanced weights for ``fit``. Evaluation
     pipelines keep the row order and are deterministic; training pipelines
     give the same batches for the same ``seed``, however busy the machine.
+    ``colour_augment`` scales the augmentation's colour jitter (``augment.LesionAugment``).
     """
     if imbalance not in IMBALANCE_METHODS:
         raise DataError(f"unknown imbalance method {imbalance!r}; choose one of {', '.join(IMBALANCE_METHODS)}")
@@ -158,7 +160,7 @@ def make_pipeline(
 
     ds = ds.batch(batch_size, drop_remainder=False)
     if training and augment:
-        aug = make_augmenter(float(augment), seed)
+        aug = make_augmenter(float(augment), seed, colour=colour_augment)
         # Each batch's draws are keyed by (seed, its index in the stream): a shared
         # generator handed them out in thread-timing order under parallel calls, so
         # runs under load did not reproduce. (A second iterator over this dataset

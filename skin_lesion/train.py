@@ -164,7 +164,8 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
         # from state its earlier iterators advanced, as far as they ran ahead (thread
         # timing), so a second iterator over one dataset would not reproduce.
         train_pipe = make_pipeline(
-            parts["train"], size, batch, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed + PHASE_SEED_STRIDE * k
+            parts["train"], size, batch, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed + PHASE_SEED_STRIDE * k,
+            colour_augment=cfg.colour_augment,
         )
         dataset = shard_by_data(train_pipe.dataset) if workers > 1 else train_pipe.dataset
         with strategy.scope():
@@ -202,7 +203,8 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
 def _phase_model(cfg: TrainConfig, run: RunFolder, prior: np.ndarray | None = None, training_steps: int | None = None) -> keras.Model:
     """A fresh model for a new phase: from the last checkpoint's weights when one exists."""
     in_model = cfg.augment if cfg.augment_on == "model" else 0.0
-    model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout, augment=in_model, prior=prior, training_steps=training_steps)
+    model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout, augment=in_model, prior=prior, training_steps=training_steps,
+                        colour_constancy=cfg.colour_constancy, colour_augment=cfg.colour_augment)
     checkpoint = run.state()["checkpoint"]
     if checkpoint:
         model.set_weights(keras.models.load_model(run.path / checkpoint, safe_mode=True, compile=False).get_weights())

@@ -10,17 +10,17 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from skin_lesion.config import DEFAULT_SIZE, LITE_NAMES, MODEL_NAMES, is_pretrained
+from skin_lesion.config import COLOUR_CONSTANCY, DEFAULT_SIZE, LITE_NAMES, MODEL_NAMES, is_pretrained
 from skin_lesion.info import CLASSES
 from skin_lesion.models import cnn, lite, resnet
 from skin_lesion.models.cnn import bn_momentum_for, build_cnn
-from skin_lesion.models.layers import HEAD_PREFIX, CaffePreprocess, PriorShift
+from skin_lesion.models.layers import HEAD_PREFIX, CaffePreprocess, PriorShift, ShadesOfGray
 from skin_lesion.models.lite import LITE_VARIANTS, build_efficientnet_lite, build_lite_imagenet, lite_stage_first_block, lite_stages, load_lite_weights
 from skin_lesion.models.resnet import build_resnet50
 from skin_lesion.models.weights import WeightsError, lite_weights_path
 
 __all__ = [
-    "DEFAULT_SIZE", "HEAD_PREFIX", "LITE_NAMES", "LITE_VARIANTS", "MODEL_NAMES", "CaffePreprocess", "PriorShift", "WeightsError",
+    "COLOUR_CONSTANCY", "DEFAULT_SIZE", "HEAD_PREFIX", "LITE_NAMES", "LITE_VARIANTS", "MODEL_NAMES", "CaffePreprocess", "PriorShift", "ShadesOfGray", "WeightsError",
     "build_cnn", "build_efficientnet_lite", "build_lite_imagenet", "build_model", "build_resnet50", "is_pretrained", "last_conv_layer",
     "lite_stage_first_block", "lite_stages", "lite_weights_path", "load_lite_weights", "set_backbone_trainable",
 ]
@@ -38,19 +38,24 @@ def build_model(
     augment: float = 0.0,
     prior: np.ndarray | list[float] | None = None,
     training_steps: int | None = None,
+    colour_constancy: str = "none",
+    colour_augment: float = 1.0,
 ) -> keras.Model:
     """Build a classifier by name (``cnn``, ``resnet50``, ``efficientnet_lite0/1/2``);
     ``augment`` > 0 puts the training augmentation inside the model; ``prior``
     (the training class mix, when skewed) ends it with a :class:`PriorShift`;
     ``training_steps`` (the CNN from scratch) sets its BatchNormalization momentum
-    (``cnn.bn_momentum_for``)."""
+    (``cnn.bn_momentum_for``); ``colour_constancy`` ``shades_of_gray`` normalises
+    each image's colour inside the model, ``colour_augment`` scales the in-model
+    augmentation's colour jitter (``layers.augment_input``)."""
     size = image_size or DEFAULT_SIZE[name]
+    colour = dict(colour_constancy=colour_constancy, colour_augment=colour_augment)
     if name == "cnn":
-        model = build_cnn(size, n_classes, dropout=dropout, augment=augment, bn_momentum=bn_momentum_for(training_steps))
+        model = build_cnn(size, n_classes, dropout=dropout, augment=augment, bn_momentum=bn_momentum_for(training_steps), **colour)
     elif name == "resnet50":
-        model = build_resnet50(size, n_classes, weights, dropout, augment)
+        model = build_resnet50(size, n_classes, weights, dropout, augment, **colour)
     elif name in LITE_NAMES:
-        model = build_efficientnet_lite(name, size, n_classes, weights, dropout, augment)
+        model = build_efficientnet_lite(name, size, n_classes, weights, dropout, augment, **colour)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if prior is None:

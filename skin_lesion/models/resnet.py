@@ -17,7 +17,8 @@ from skin_lesion.models.weights import WeightsError
 LAST_CONV = "conv5_block3_out"  # the layer Grad-CAM explains
 
 
-def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0) -> keras.Model:
+def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0,
+                   colour_constancy: str = "none", colour_augment: float = 1.0) -> keras.Model:
     """ResNet50 (keras.applications) with a new softmax head.
 
     ``weights``: ``imagenet`` (Keras downloads them; fails with a clear
@@ -27,7 +28,7 @@ def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights
     if local and not Path(weights).exists():
         raise WeightsError(f"{weights}: weights file not found; pass --weights imagenet, none, or an existing ResNet50 .h5/.weights.h5 file")
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = CaffePreprocess(name="scale")(augment_input(inputs, augment))
+    x = CaffePreprocess(name="scale")(augment_input(inputs, augment, colour_constancy, colour_augment))
     try:
         base = keras.applications.ResNet50(include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x)
     except Exception as e:  # keras raises plain Exception on a failed download
