@@ -37,6 +37,8 @@ IMBALANCE_METHODS: tuple[str, ...] = ("none", "oversample", "sqrt", "undersample
 AUGMENT_ON: tuple[str, ...] = ("pipeline", "model")
 # Colour constancy inside the model, before its own scaling (``models.layers.ShadesOfGray``).
 COLOUR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
+# Above about 6.7 the contrast jitter could turn an image negative: the colour strength stops well below.
+MAX_COLOUR_AUGMENT = 5.0
 
 PROFILES: dict[str, dict] = {
     # Minutes on 2 cores: tiny images, a few images per class, two epochs.
@@ -126,8 +128,8 @@ class TrainConfig:
             raise DataError(f"unknown augment_on {out.augment_on!r}; choose one of {', '.join(AUGMENT_ON)}")
         if out.colour_constancy not in COLOUR_CONSTANCY:
             raise DataError(f"unknown colour_constancy {out.colour_constancy!r}; choose one of {', '.join(COLOUR_CONSTANCY)}")
-        if out.colour_augment < 0:
-            raise DataError(f"colour_augment must be at least 0, got {out.colour_augment}")
+        if not 0 <= out.colour_augment <= MAX_COLOUR_AUGMENT:
+            raise DataError(f"colour_augment must be in [0, {MAX_COLOUR_AUGMENT:g}], got {out.colour_augment}")
         if out.imbalance not in IMBALANCE_METHODS:
             raise DataError(f"unknown imbalance method {out.imbalance!r}; choose one of {', '.join(IMBALANCE_METHODS)}")
         out.unfreeze_from = out.unfreeze_from or UNFREEZE_FROM[out.model]

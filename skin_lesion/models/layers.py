@@ -41,8 +41,9 @@ class ShadesOfGray(layers.Layer):
     (I_c * |e| / (sqrt(3) e_c)); p = 6 as in the ISIC 2017-2018 work of
     Barata et al. and Matsunaga et al. A per-channel gain (a camera's or a
     lamp's white balance) cancels out up to one overall brightness factor
-    (|e| changes with it). Computed in float32 on [0, 1]
-    (255^6 overflows float16), clipped back to [0, 255].
+    (|e| changes with it). Computed in float32 on [0, 1], whatever the
+    precision policy (in float16, x^6 of dark pixels rounds to zero),
+    clipped back to [0, 255].
     """
 
     def __init__(self, p: float = 6.0, **kwargs):
