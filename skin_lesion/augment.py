@@ -27,9 +27,10 @@ class LesionAugment(keras.layers.Layer):
     composed into one affine transform per image, so each image is resampled
     once (reflected at the borders). Colour: hue rotation (in YIQ), contrast
     and brightness jitter, scaled by ``colour``; above 1 each channel's gain
-    also shifts by up to 8% x ``strength`` x (``colour`` - 1) (a camera's or lamp's white
-    balance; drawn only then, so ``colour`` = 1 draws as before). Chaining Keras' preprocessing layers for the same
-    effects resamples each image several times. Built on ``keras.ops`` and
+    also shifts by up to 8% x ``strength`` x (``colour`` - 1) (a camera's or
+    lamp's white balance; drawn only then, so ``colour`` = 1 draws as
+    before). Chaining Keras' preprocessing layers for the same effects
+    resamples each image several times. Built on ``keras.ops`` and
     ``keras.random``.
 
     Inside a model it runs on the accelerator; TensorFlow's XLA has no kernel

@@ -3,7 +3,8 @@ the augmentation's colour strength, from the layer to the exported bundle.
 
 Both are candidates of the external-validity screen (docs/EXPERIMENTS.md); the
 study's recipe does not use them, so these tests check that they do what they
-say wherever a run's images are scored, and that leaving them off changes nothing.
+say wherever a run's images are scored. That leaving them off changes nothing
+is held by test_reference (the smoke study, byte for byte).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def test_shades_of_gray_removes_a_colour_cast_up_to_brightness(lesion_images):
 
 
 def test_shades_of_gray_stays_float32_under_mixed_precision(lesion_images, tmp_path):
-    """255^6 overflows float16: the layer computes in float32 whatever the policy, and saves and loads in safe mode."""
+    """x^6 of dark pixels rounds to zero in float16: the layer computes in float32 whatever the policy, and saves and loads in safe mode."""
     images = np.stack([read_image(p, 64) for p in lesion_images[:2]])
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
