@@ -12,7 +12,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the user's way
 
 from skin_lesion import commands  # noqa: E402
-from skin_lesion.config import COLOUR_CONSTANCY, IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
+from skin_lesion.config import ASPECTS, COLOUR_CONSTANCY, IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
 from skin_lesion.info import UserError  # noqa: E402
 
 log = logging.getLogger("skin_lesion")
@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data")
     t.add_argument("--run", help="run folder (default runs/default)")
     t.add_argument("--config", help="a config.json (from tune or an earlier run) to start from")
-    t.add_argument("--image-size", dest="image_size", type=int)
+    t.add_argument("--image-size", dest="image_size", type=int, help="input width in px (and height, for square inputs)")
+    t.add_argument("--aspect", choices=list(ASPECTS),
+                   help="input frame: 1:1 (square, default) or 4:3 (HAM10000's frame shape: height three quarters of --image-size, no squeezing)")
     t.add_argument("--epochs", type=int)
     t.add_argument("--head-epochs", dest="head_epochs", type=int)
     t.add_argument("--batch-size", dest="batch_size", type=int)

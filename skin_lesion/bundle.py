@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from skin_lesion.calibration import apply_temperature, decide
 from skin_lesion.guard import CHECKS, NOT_RECOGNISED, PIXEL_SIZE, Guard, pixel_statistics, pooled
 from skin_lesion.info import CLASS_DESCRIPTIONS, CLASSES, MEL, UserError
-from skin_lesion.pixels import decode_rgb, resize_like_training
+from skin_lesion.pixels import Size, decode_rgb, hw, resize_like_training, size_key, size_text
 
 BUNDLE_FORMAT = "skin_lesion.bundle"
 BUNDLE_VERSION = 1
@@ -45,7 +46,7 @@ class BundleMember:
     """One model of a bundle: its LiteRT runner, input size, temperature and head weights (for heatmaps)."""
 
     name: str
-    image_size: int
+    image_size: Size  # px when square, else (height, width)
     temperature: float
     runner: Any
     head: np.ndarray | None  # (channels + 1, classes): the dense head's kernel and bias
@@ -83,6 +84,14 @@ def _checked_file(folder: Path, entry: dict) -> Path:
     return path
 
 
+def member_size(entry: dict) -> Size:
+    """A manifest member's input size: ``input_shape`` (height, width) where the export wrote it,
+    else a square of ``image_size`` px (bundles from before non-square inputs)."""
+    if entry.get("input_shape"):
+        return size_key(tuple(entry["input_shape"]))
+    return int(entry["image_size"])
+
+
 def _load_member(folder: Path, entry: dict, threads: int) -> BundleMember:
     """One member's LiteRT interpreter, after checking its file against the manifest."""
     from ai_edge_litert.interpreter import Interpreter
@@ -93,10 +102,10 @@ def _load_member(folder: Path, entry: dict, threads: int) -> BundleMember:
         runner = interpreter.get_signature_runner()
     except (ValueError, RuntimeError) as e:
         raise BundleError(f"{path}: not a loadable LiteRT model ({str(e).splitlines()[0][:150]}); export the bundle again") from e
-    size = int(entry["image_size"])
+    size = member_size(entry)
     shape = list(interpreter.get_input_details()[0]["shape"])
-    if shape != [1, size, size, 3]:
-        raise BundleError(f"{path}: takes inputs {shape}, but the manifest says {size} px; the bundle mixes files of two exports")
+    if shape != [1, *hw(size), 3]:
+        raise BundleError(f"{path}: takes inputs {shape}, but the manifest says {size_text(size)}; the bundle mixes files of two exports")
     head = None
     if entry.get("head"):
         with np.load(folder / entry["head"]) as f:
@@ -165,9 +174,9 @@ class Bundle:
         offset = self.manifest.get("logit_offset")
         self.offset = np.asarray(offset, dtype=float) if offset is not None else None
         self.mel_threshold = self.manifest.get("mel_threshold")
-        self.sizes = sorted({m.image_size for m in self.members})
+        self.sizes = sorted({m.image_size for m in self.members}, key=hw)
         with_head = [i for i, m in enumerate(self.members) if m.head is not None]
-        self.feature_member = max(with_head, key=lambda i: self.members[i].image_size) if with_head else None
+        self.feature_member = max(with_head, key=lambda i: math.prod(hw(self.members[i].image_size))) if with_head else None
         self.guard = _load_guard(self.folder, self.manifest.get("guard"))
 
     def _run(self, member: BundleMember, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -178,8 +187,8 @@ class Bundle:
         calibrated = [apply_temperature(o["output_0"].astype(np.float64), m.temperature) for o, m in zip(outputs, self.members)]
         return apply_temperature(np.mean(calibrated, axis=0), self.temperature)[0]
 
-    def probs_sized(self, images: dict[int, np.ndarray]) -> np.ndarray:
-        """Calibrated probabilities from one preprocessed (size, size, 3) image per input size the members take."""
+    def probs_sized(self, images: dict[Size, np.ndarray]) -> np.ndarray:
+        """Calibrated probabilities from one preprocessed (height, width, 3) image per input size the members take."""
         return self._combine([self._run(m, images[m.image_size]) for m in self.members])
 
     def guard_inputs(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +256,7 @@ class Bundle:
         m = self.manifest
         return dict(
             kind=m.get("kind"), source=m.get("source"), classes=m["classes"], guard=self.guard is not None,
-            members=[dict(run=e["run"], model=e.get("model"), image_size=e["image_size"]) for e in m["members"]],
+            members=[dict(run=e["run"], model=e.get("model"), image_size=e["image_size"], input_shape=list(hw(member_size(e)))) for e in m["members"]],
             mel_threshold=self.mel_threshold, software=m.get("software"),
         )
 

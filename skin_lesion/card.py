@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from skin_lesion.bundle import member_size
 from skin_lesion.info import DEMO_MARK, DISCLAIMER
 from skin_lesion.metrics import subgroup_tables
+from skin_lesion.pixels import size_text
 from skin_lesion.runs import RunFolder
 
 
@@ -57,7 +59,7 @@ def model_card(folder: RunFolder, bundle: dict) -> str:
     c, ci, op = metrics["calibrated"], metrics.get("intervals_95", {}), metrics["mel_operating_point"]
     first_config = bundle["members"][0]["config"]
     synthetic = bool(first_config.get("data")) and (Path(first_config["data"]) / DEMO_MARK).exists()
-    members = "\n".join(f"- `{m['file']}`: {m['model']} at {m['image_size']} px (run `{m['run']}`), temperature {m['temperature']:.3f}" for m in bundle["members"])
+    members = "\n".join(f"- `{m['file']}`: {m['model']} at {size_text(member_size(m))} (run `{m['run']}`), temperature {m['temperature']:.3f}" for m in bundle["members"])
     data = ("**SYNTHETIC demo images made by skin_lesion, not HAM10000: this model says nothing about skin cancer.**" if synthetic else
             "HAM10000 (Tschandl et al., 2018; Harvard Dataverse doi:10.7910/DVN/DBW86T), 10,015 dermatoscopic images of 7 diagnoses "
             "from two sites in Austria and Australia. Licence: **CC BY-NC 4.0**: non-commercial use, with attribution; "

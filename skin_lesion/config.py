@@ -37,6 +37,9 @@ IMBALANCE_METHODS: tuple[str, ...] = ("none", "oversample", "sqrt", "undersample
 AUGMENT_ON: tuple[str, ...] = ("pipeline", "model")
 # Colour constancy inside the model, before its own scaling (``models.layers.ShadesOfGray``).
 COLOUR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
+# A model's input frame: square, or 4:3 like HAM10000's 200x150 frames (height three
+# quarters of ``image_size``, so a frame is resized without being squeezed).
+ASPECTS: dict[str, tuple[int, int]] = {"1:1": (1, 1), "4:3": (4, 3)}
 # Above about 6.7 the contrast jitter could turn an image negative: the colour strength stops well below.
 MAX_COLOUR_AUGMENT = 5.0
 
@@ -64,6 +67,15 @@ FALLBACKS: dict = {"imbalance": "oversample", "average_last": 0}
 _PROFILE_KEYS = ("epochs", "head_epochs", "batch_size", "max_per_class", "image_size", "unfreeze_from", "augment_on", "imbalance", "average_last")
 
 
+def input_size(image_size: int, aspect: str = "1:1") -> int | tuple[int, int]:
+    """A model's input for ``image_size`` px wide frames of ``aspect``: the whole number
+    itself when square, else (height, width); ``pixels.hw`` reads either."""
+    if aspect not in ASPECTS:
+        raise DataError(f"unknown aspect {aspect!r}; choose one of {', '.join(ASPECTS)}")
+    across, down = ASPECTS[aspect]
+    return image_size if across == down else (round(image_size * down / across), image_size)
+
+
 def is_pretrained(model_name: str, weights: str | None) -> bool:
     """Whether the model starts from trained weights (ImageNet or a local file)
     rather than from scratch: the custom CNN never does, and ``weights`` ``none`` means scratch."""
@@ -85,7 +97,8 @@ class TrainConfig:
     profile: str = "cpu"
     data: str | None = None
     run: str = "runs/default"
-    image_size: int | None = None
+    image_size: int | None = None  # the input's width in px (and its height when ``aspect`` is 1:1)
+    aspect: str = "1:1"  # "4:3": inputs of HAM10000's frame shape, height three quarters of image_size
     epochs: int | None = None
     head_epochs: int | None = None
     batch_size: int | None = None
@@ -123,6 +136,7 @@ class TrainConfig:
             if getattr(out, key) is None:
                 setattr(out, key, prof.get(key, FALLBACKS.get(key)))
         out.image_size = out.image_size or DEFAULT_SIZE[out.model]
+        input_size(out.image_size, out.aspect)  # an unknown aspect fails here, before any data is read
         out.augment_on = out.augment_on or "pipeline"
         if out.augment_on not in AUGMENT_ON:
             raise DataError(f"unknown augment_on {out.augment_on!r}; choose one of {', '.join(AUGMENT_ON)}")
@@ -139,6 +153,11 @@ class TrainConfig:
         out.head_epochs = min(out.head_epochs, out.epochs)
         check_label_smoothing(out.label_smoothing)  # fail before any data is read
         return out
+
+    @property
+    def input_size(self) -> int | tuple[int, int]:
+        """The model's input: ``image_size`` px square, or (height, width) for another aspect."""
+        return input_size(self.image_size or DEFAULT_SIZE[self.model], self.aspect)
 
     def to_json(self) -> str:
         """The config as ``config.json`` holds it."""

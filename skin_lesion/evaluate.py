@@ -19,7 +19,7 @@ import pandas as pd
 from skin_lesion.calibration import apply_temperature, decide, fit_temperature, mel_recall_at, mel_threshold, operating_point
 from skin_lesion.config import TrainConfig
 from skin_lesion.data import external_set, label_ids, load_dataset
-from skin_lesion.inference import load_run_model, predict_probs
+from skin_lesion.inference import load_run_model, predict_probs, tta_views
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.metrics import classification_metrics, lesion_bootstrap
 from skin_lesion.runs import TEST, RunFolder, training_minutes
@@ -122,8 +122,9 @@ def evaluate_run(
             log.warning("%s: %d labelled image(s) absent and skipped, e.g. %s", images, len(external.skipped), external.skipped[0])
     else:
         scored, name = meta[meta["split"] == "test"], TEST
-    p_val = predict_probs(model, val, cfg.image_size, tta=tta)
-    p_scored = predict_probs(model, scored, cfg.image_size, tta=tta)
+    tta = tta_views(cfg.input_size, tta)
+    p_val = predict_probs(model, val, cfg.input_size, tta=tta)
+    p_scored = predict_probs(model, scored, cfg.input_size, tta=tta)
     return score_predictions(run, cfg, val, p_val, scored, p_scored, tta, target_mel_recall, name, mel_confidence, extra=extra)
 
 

@@ -29,19 +29,19 @@ from skin_lesion.guard import REJECT_ON_VALIDATION, fit_guard
 from skin_lesion.inference import load_run_model
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.models import HEAD_PREFIX, last_conv_layer
-from skin_lesion.pixels import decode_rgb
+from skin_lesion.pixels import Size, decode_rgb, hw, size_text
 from skin_lesion.runs import RunFolder, write_atomic
 
 log = logging.getLogger("skin_lesion")
 # How a bundle's user turns a file into the model's input; bundle.py implements it.
 RESIZE_RULE = {
     "decode": "RGB; JPEG with libjpeg-turbo's fast integer DCT and fancy upsampling (TensorFlow's decode_jpeg defaults), other formats by Pillow",
-    "resize": "bilinear with antialiasing to image_size x image_size (tf.image.resize antialias=True: triangle kernel, half-pixel centres)",
+    "resize": "bilinear with antialiasing to each member's input_shape, height x width (tf.image.resize antialias=True: triangle kernel, half-pixel centres)",
     "round": "to whole values, clipped to [0, 255], fed as float32",
 }
 
 
-def litert_model(model: keras.Model, image_size: int) -> bytes:
+def litert_model(model: keras.Model, image_size: Size) -> bytes:
     """The model as a LiteRT flatbuffer with outputs (probabilities, last conv features), one image a call.
 
     Keras writes a SavedModel first and the TFLite converter reads it: converting
@@ -50,7 +50,7 @@ def litert_model(model: keras.Model, image_size: int) -> bytes:
     serving = keras.Model(model.inputs, [model.output, features], name=f"{model.name}_serving")
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "saved_model"
-        serving.export(str(saved), format="tf_saved_model", input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="image")], verbose=False)
+        serving.export(str(saved), format="tf_saved_model", input_signature=[tf.TensorSpec([1, *hw(image_size), 3], tf.float32, name="image")], verbose=False)
         return tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
 
 
@@ -87,13 +87,14 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     for i, member in enumerate(members):
         model, cfg = load_run_model(member.path)
         tflite = out / f"member{i}.tflite"
-        tflite.write_bytes(litert_model(model, cfg.image_size))
+        tflite.write_bytes(litert_model(model, cfg.input_size))
         np.savez(out / f"member{i}_head.npz", **_head_weights(model))
         entries.append(dict(
             run=member.label, model=cfg.model, file=tflite.name, sha256=file_sha256(tflite), image_size=cfg.image_size,
+            input_shape=list(hw(cfg.input_size)),
             temperature=float(member.manifest().get("temperature", 1.0)), head=f"member{i}_head.npz", config=asdict(cfg),
         ))
-        log.info("Exported %s (%s, %d px) -> %s", member.path, cfg.model, cfg.image_size, tflite)
+        log.info("Exported %s (%s, %s) -> %s", member.path, cfg.model, size_text(cfg.input_size), tflite)
     bundle = dict(
         format=BUNDLE_FORMAT, version=BUNDLE_VERSION, kind="mean_ensemble" if ensemble else "run", source=str(folder.path),
         classes=list(CLASSES), members=entries,
@@ -128,12 +129,12 @@ def fit_bundle_guard(out: Path, run: RunFolder, reject: float = REJECT_ON_VALIDA
     train, validation = meta[meta["split"] == "train"], meta[meta["split"] == "val"]
     if train.empty or validation.empty:
         raise DataError(f"{run.split_file}: the guard needs training and validation images; export a run trained with a validation split")
-    log.info("Fitting the out-of-distribution guard on %d training and %d validation images (%d px)", len(train), len(validation), size)
+    log.info("Fitting the out-of-distribution guard on %d training and %d validation images (%s)", len(train), len(validation), size_text(size))
     (train_features, train_statistics), (val_features, val_statistics) = measured(train), measured(validation)
     guard = fit_guard(train_features, train["dx"].to_numpy(), train_statistics, val_features, val_statistics, reject)
     path = guard.save(out / "guard.npz")
     return dict(
-        file=path.name, sha256=file_sha256(path), member=bundle.feature_member, image_size=size,
+        file=path.name, sha256=file_sha256(path), member=bundle.feature_member, image_size=hw(size)[1], input_shape=list(hw(size)),
         checks=dict(features="Mahalanobis distance of the pooled last-convolution features to the nearest class mean (shared Ledoit-Wolf covariance)",
                     pixels="Mahalanobis distance of ten colour, edge and detail statistics of the resized image to the nearest class mean (shared Ledoit-Wolf covariance)"),
         thresholds=dict(features=guard.features.threshold, pixels=guard.pixels.threshold),

@@ -21,11 +21,12 @@ import tensorflow as tf
 
 from skin_lesion.augment import LesionAugment
 from skin_lesion.calibration import apply_temperature, decide
-from skin_lesion.config import TrainConfig
+from skin_lesion.config import TrainConfig, input_size
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.losses import SmoothedSparseCrossentropy
 from skin_lesion.models import CaffePreprocess, PriorShift
 from skin_lesion.pipeline import make_pipeline, read_image
+from skin_lesion.pixels import Size, hw, size_key, size_text
 from skin_lesion.runs import RunFolder
 
 log = logging.getLogger("skin_lesion")
@@ -66,8 +67,8 @@ def load_model_file(path: str | os.PathLike) -> keras.Model:
 def check_model_matches(model: keras.Model, cfg: TrainConfig, path: Path) -> None:
     """A ModelFileError when the model does not take the config's input size or give one score per class."""
     shape = tuple(model.input_shape[1:]) if not isinstance(model.input_shape, list) else None
-    if shape != (cfg.image_size, cfg.image_size, 3):
-        raise ModelFileError(f"{path}: the model takes inputs {shape}, but config.json says {cfg.image_size} px; the run folder mixes files of two runs")
+    if shape != (*hw(cfg.input_size), 3):
+        raise ModelFileError(f"{path}: the model takes inputs {shape}, but config.json says {size_text(cfg.input_size)}; the run folder mixes files of two runs")
     if model.output_shape[-1] != len(CLASSES):
         raise ModelFileError(f"{path}: the model gives {model.output_shape[-1]} scores, not one per class ({len(CLASSES)}); it is not a skin_lesion classifier")
 
@@ -87,12 +88,25 @@ def load_run_model(run: str | os.PathLike) -> tuple[keras.Model, TrainConfig]:
 
 
 def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
-    """The first ``n`` of the 8 flips/rotations of a batch: lesions have no up or down."""
+    """The first ``n`` of the 8 flips/rotations of a batch: lesions have no up or down.
+
+    A quarter turn would make a 4:3 frame 3:4, so a batch of non-square
+    frames has only the four views that keep its shape (itself, the two
+    flips, a half turn), in the order the square views give them for n <= 2."""
+    if x.shape[1] != x.shape[2]:
+        flipped = tf.image.flip_left_right(x)
+        return [x, flipped, tf.image.flip_up_down(x), tf.image.flip_up_down(flipped)][: max(1, min(n, 4))]
     views = []
     for k in range(4):
         r = tf.image.rot90(x, k)
         views += [r, tf.image.flip_left_right(r)]
     return views[: max(1, n)]
+
+
+def tta_views(image_size: Size, tta: int) -> int:
+    """How many of ``tta`` views a model of input ``image_size`` gets: at most 4 for a non-square frame."""
+    height, width = hw(image_size)
+    return max(1, tta if height == width else min(tta, 4))
 
 
 def tta_function(model: keras.Model, tta: int = 1):
@@ -104,16 +118,17 @@ def tta_function(model: keras.Model, tta: int = 1):
     return tf.function(probs, reduce_retracing=True)
 
 
-def predict_probs(model: keras.Model, frame: pd.DataFrame, image_size: int, batch_size: int = 32, tta: int = 1) -> np.ndarray:
-    """Class probabilities for rows of ``frame`` in order, averaged over ``tta`` dihedral views."""
-    pipe = make_pipeline(frame, (image_size, image_size), batch_size, cache=False)  # one pass: a cache would only cost memory
+def predict_probs(model: keras.Model, frame: pd.DataFrame, image_size: Size, batch_size: int = 32, tta: int = 1) -> np.ndarray:
+    """Class probabilities for rows of ``frame`` in order, averaged over ``tta`` dihedral views;
+    ``image_size`` is the model's input (px, or (height, width))."""
+    pipe = make_pipeline(frame, hw(image_size), batch_size, cache=False)  # one pass: a cache would only cost memory
     fn = tta_function(model, tta)
     return np.concatenate([fn(x).numpy() for x, _ in pipe.dataset]).astype("float64")
 
 
 def resize_run(run: str | os.PathLike, image_size: int, out: str | os.PathLike) -> Path:
-    """Copy a run into ``out`` with its model taking ``image_size`` px inputs
-    (the same weights: the backbones end in global pooling, so any size fits).
+    """Copy a run into ``out`` with its model taking ``image_size`` px wide inputs of the
+    run's own aspect (the same weights: the backbones end in global pooling, so any size fits).
 
     Scoring a model at another size than it was trained at (test-time
     resolution, as in FixRes) is then a run like any other: ``evaluate``,
@@ -125,7 +140,7 @@ def resize_run(run: str | os.PathLike, image_size: int, out: str | os.PathLike) 
     if out.resolve() == run.path.resolve():
         raise DataError(f"{out}: resizing a run needs another folder than the run itself; pass --out")
     model, cfg = load_run_model(run)
-    inp = keras.Input((image_size, image_size, 3), name="image")
+    inp = keras.Input((*hw(input_size(image_size, cfg.aspect)), 3), name="image")
     try:
         sized = keras.models.clone_model(model, input_tensors=[inp] if isinstance(model.input, list) else inp)
         sized.set_weights(model.get_weights())
@@ -146,7 +161,7 @@ class Member:
     """One model of a predictor: its run, input size, fitted temperature and compiled TTA function."""
 
     run: RunFolder
-    image_size: int
+    image_size: Size  # px when square, else (height, width)
     temperature: float
     fn: Any
 
@@ -180,14 +195,14 @@ class Predictor:
         self.members = []
         for member in runs:
             model, cfg = load_run_model(member)
-            self.members.append(Member(member, cfg.image_size, float(member.manifest().get("temperature", 1.0)), tta_function(model, tta)))
+            self.members.append(Member(member, size_key(cfg.input_size), float(member.manifest().get("temperature", 1.0)), tta_function(model, tta)))
         ensemble = len(folder.members()) > 0
         # a mean ensemble's own temperature goes on the mean of its members' calibrated probabilities;
         # its logit adjustment, if it has one, moves only the decided label (``label``)
         self.temperature = float(manifest.get("temperature", 1.0)) if ensemble else 1.0
         offset = manifest.get("logit_offset") if ensemble else None
         self.offset = np.asarray(offset, dtype=float) if offset is not None else None
-        self.sizes = sorted({m.image_size for m in self.members})
+        self.sizes = sorted({m.image_size for m in self.members}, key=hw)
         self.mel_threshold = manifest.get("mel_threshold")
         self._all_members = self._one_graph()
 

@@ -28,6 +28,7 @@ from skin_lesion.augment import make_augmenter
 from skin_lesion.config import IMBALANCE_METHODS
 from skin_lesion.data import label_ids
 from skin_lesion.info import CLASSES, DataError, ImageError
+from skin_lesion.pixels import Size, hw
 
 AUTOTUNE = tf.data.AUTOTUNE
 __all__ = ["AUTOTUNE", "ImageError", "Pipeline", "class_weights", "decode_resize", "load_images", "make_pipeline", "read_image", "sampling_prior", "undersample"]
@@ -42,19 +43,20 @@ def decode_resize(path: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
 
 
-def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """One image file as a float32 (size, size, 3) array in [0, 255], decoded and
-    resized exactly as the training pipeline does; an unreadable file is an ImageError."""
+def read_image(path: str | os.PathLike, image_size: Size) -> np.ndarray:
+    """One image file as a float32 (height, width, 3) array in [0, 255] for a model taking
+    ``image_size`` (px, or (height, width)), decoded and resized exactly as the training
+    pipeline does; an unreadable file is an ImageError."""
     path = str(path)
     if not os.path.isfile(path):
         raise ImageError(f"{path}: file not found")
     try:
-        return decode_resize(tf.constant(path), (image_size, image_size)).numpy().astype("float32")
+        return decode_resize(tf.constant(path), hw(image_size)).numpy().astype("float32")
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}); pass a JPEG or PNG file") from e
 
 
-def load_images(paths: list[str], image_size: int) -> np.ndarray:
+def load_images(paths: list[str], image_size: Size) -> np.ndarray:
     """A few image files as one float32 batch in [0, 255], for prediction or Grad-CAM outside tf.data."""
     return np.stack([read_image(p, image_size) for p in paths])
 

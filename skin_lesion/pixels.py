@@ -22,6 +22,29 @@ import numpy as np
 from skin_lesion.info import ImageError
 
 MAX_PIXELS = 64_000_000  # larger images are refused: a decompression bomb, not a photograph
+# A model's input size: a whole number of pixels for a square input, or (height, width).
+Size = int | tuple[int, int]
+
+
+def hw(size: Size) -> tuple[int, int]:
+    """(height, width) of an input size given either way."""
+    if isinstance(size, (tuple, list)):
+        height, width = size
+        return int(height), int(width)
+    return int(size), int(size)
+
+
+def size_key(size: Size) -> Size:
+    """The one spelling of an input size that dictionaries are keyed by: a whole number when
+    square (as every run before 4:3 inputs wrote it), else (height, width)."""
+    height, width = hw(size)
+    return height if height == width else (height, width)
+
+
+def size_text(size: Size) -> str:
+    """An input size for people: "224 px" when square, "168x224 px" (height x width) when not."""
+    height, width = hw(size)
+    return f"{width} px" if height == width else f"{height}x{width} px"
 
 
 class ImageTooLarge(ImageError):
@@ -97,19 +120,21 @@ def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def resize_like_training(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 RGB to (size, size, 3) as ``pipeline.decode_resize`` does; float32 whole values in [0, 255]."""
+def resize_like_training(rgb: np.ndarray, size: Size) -> np.ndarray:
+    """Resize uint8 RGB to ``size`` (square px, or (height, width)) as ``pipeline.decode_resize`` does;
+    float32 whole values in [0, 255]."""
     h, w = rgb.shape[:2]
-    rows, cols = _resize_weights(h, size), _resize_weights(w, size)
+    out_h, out_w = hw(size)
+    rows, cols = _resize_weights(h, out_h), _resize_weights(w, out_w)
     img = rgb.astype(np.float32).reshape(h, w * 3)
-    out = (rows @ img).reshape(size, w, 3)  # rows first: the order that matches TensorFlow most often
-    out = cols @ np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(w, size * 3)  # then columns, as one contiguous product
-    out = out.reshape(size, size, 3).transpose(1, 0, 2)
+    out = (rows @ img).reshape(out_h, w, 3)  # rows first: the order that matches TensorFlow most often
+    out = cols @ np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(w, out_h * 3)  # then columns, as one contiguous product
+    out = out.reshape(out_w, out_h, 3).transpose(1, 0, 2)
     return np.clip(np.round(out), 0, 255).astype(np.float32)
 
 
-def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """One image file, decoded and resized for a model that takes ``size`` px."""
+def read_image(path: str | os.PathLike, size: Size) -> np.ndarray:
+    """One image file, decoded and resized for a model that takes ``size`` (px, or (height, width))."""
     return resize_like_training(decode_rgb(path), size)
 
 

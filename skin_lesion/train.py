@@ -28,6 +28,7 @@ from skin_lesion.info import DataError
 from skin_lesion.losses import make_loss
 from skin_lesion.models import build_model, set_backbone_trainable
 from skin_lesion.pipeline import make_pipeline, sampling_prior
+from skin_lesion.pixels import hw
 from skin_lesion.runs import RunFolder
 from skin_lesion.splits import fold_parts, make_split_table, subsample
 from skin_lesion.workers import cluster_size, exit_on_signal, is_chief, worker_index, worker_scratch
@@ -148,7 +149,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
     ds = load_dataset(cfg.data)
     meta = prepare_split(cfg, ds, run)
     parts = {name: meta[meta["split"] == name] for name in ("train", "val")}
-    size = (cfg.image_size, cfg.image_size)
+    size = hw(cfg.input_size)
     in_pipeline = cfg.augment if cfg.augment_on == "pipeline" else False
     batch = cfg.batch_size * workers  # the global batch: each worker's share is cfg.batch_size
     val_pipe = make_pipeline(parts["val"], size, cfg.batch_size)
@@ -203,7 +204,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
 def _phase_model(cfg: TrainConfig, run: RunFolder, prior: np.ndarray | None = None, training_steps: int | None = None) -> keras.Model:
     """A fresh model for a new phase: from the last checkpoint's weights when one exists."""
     in_model = cfg.augment if cfg.augment_on == "model" else 0.0
-    model = build_model(cfg.model, cfg.image_size, weights=cfg.weights, dropout=cfg.dropout, augment=in_model, prior=prior, training_steps=training_steps,
+    model = build_model(cfg.model, cfg.input_size, weights=cfg.weights, dropout=cfg.dropout, augment=in_model, prior=prior, training_steps=training_steps,
                         colour_constancy=cfg.colour_constancy, colour_augment=cfg.colour_augment)
     checkpoint = run.state()["checkpoint"]
     if checkpoint:

@@ -18,6 +18,7 @@ from skin_lesion.models.layers import HEAD_PREFIX, CaffePreprocess, PriorShift, 
 from skin_lesion.models.lite import LITE_VARIANTS, build_efficientnet_lite, build_lite_imagenet, lite_stage_first_block, lite_stages, load_lite_weights
 from skin_lesion.models.resnet import build_resnet50
 from skin_lesion.models.weights import WeightsError, lite_weights_path
+from skin_lesion.pixels import Size
 
 __all__ = [
     "COLOUR_CONSTANCY", "DEFAULT_SIZE", "HEAD_PREFIX", "LITE_NAMES", "LITE_VARIANTS", "MODEL_NAMES", "CaffePreprocess", "PriorShift", "ShadesOfGray", "WeightsError",
@@ -31,7 +32,7 @@ LAST_CONV: dict[str, str] = {"cnn": cnn.LAST_CONV, "resnet50": resnet.LAST_CONV,
 
 def build_model(
     name: str,
-    image_size: int | None = None,
+    image_size: Size | None = None,
     weights: str | None = "imagenet",
     dropout: float = 0.3,
     n_classes: int = len(CLASSES),
@@ -47,7 +48,8 @@ def build_model(
     ``training_steps`` (the CNN from scratch) sets its BatchNormalization momentum
     (``cnn.bn_momentum_for``); ``colour_constancy`` ``shades_of_gray`` normalises
     each image's colour inside the model, ``colour_augment`` scales the in-model
-    augmentation's colour jitter (``layers.augment_input``)."""
+    augmentation's colour jitter (``layers.augment_input``). ``image_size``: px
+    for a square input, or (height, width) (``TrainConfig.input_size``)."""
     size = image_size or DEFAULT_SIZE[name]
     colour = dict(colour_constancy=colour_constancy, colour_augment=colour_augment)
     if name == "cnn":

@@ -7,6 +7,7 @@ from keras import layers
 
 from skin_lesion.info import CLASSES
 from skin_lesion.models.layers import add_head, augment_input
+from skin_lesion.pixels import Size, hw
 
 LAST_CONV = "block4_act"  # the layer Grad-CAM explains
 BN_MOMENTUM = 0.99  # Keras' default
@@ -31,13 +32,13 @@ def bn_momentum_for(training_steps: int | None) -> float:
     return max(0.0, min(BN_MOMENTUM, 1 - FORGET_STEPS / training_steps))
 
 
-def build_cnn(image_size: int = 128, n_classes: int = len(CLASSES), width: int = 32, dropout: float = 0.3, augment: float = 0.0,
+def build_cnn(image_size: Size = 128, n_classes: int = len(CLASSES), width: int = 32, dropout: float = 0.3, augment: float = 0.0,
               bn_momentum: float = BN_MOMENTUM, colour_constancy: str = "none", colour_augment: float = 1.0) -> keras.Model:
     """A small VGG-like CNN: four conv blocks (conv-BN-ReLU x2, max-pool, dropout),
     global average pooling and a softmax head. About 1.2M parameters at width 32,
     small enough to train on all of HAM10000 on 2 CPU cores. ``bn_momentum``:
     see ``bn_momentum_for``; ``colour_constancy`` and ``colour_augment``: see ``layers.augment_input``."""
-    inputs = keras.Input((image_size, image_size, 3), name="image")
+    inputs = keras.Input((*hw(image_size), 3), name="image")
     x = layers.Rescaling(1 / 255.0, name="scale")(augment_input(inputs, augment, colour_constancy, colour_augment))
     for b, filters in enumerate((width, width * 2, width * 4, width * 8), start=1):
         for c in (1, 2):

