@@ -29,6 +29,7 @@ def main() -> None:
     from skin_lesion.bundle import Bundle
     from skin_lesion.data import load_dataset
     from skin_lesion.guard import foreign_images
+    from skin_lesion.pixels import size_text
     from skin_lesion.runs import RunFolder
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +45,8 @@ def main() -> None:
     test = meta[meta["split"] == "test"]
     verdicts = np.array([bundle.analyse_file(p).recognised for p in test["path"]])
     g = bundle.manifest["guard"]
-    print(f"guard: features of member {g['member']} at {g['image_size']} px and pixel statistics; fitted on {g['fitted_on']['train']} training images, "
+    size = size_text(g.get("input_shape") or g["image_size"])
+    print(f"guard: features of member {g['member']} at {size} and pixel statistics; fitted on {g['fitted_on']['train']} training images, "
           f"thresholds set on {g['fitted_on']['validation']} validation images ({g['reject_on_validation']:.1%} of them refused)")
     print(f"test split: {(~verdicts).sum()} of {len(verdicts)} refused ({(~verdicts).mean():.1%})")
     by_class = pd.Series(~verdicts, index=test["dx"].to_numpy()).groupby(level=0).mean()

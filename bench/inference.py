@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from skin_lesion.models import DEFAULT_SIZE, build_model  # noqa: E402
+from skin_lesion.pixels import size_text  # noqa: E402
 
 
 def latency_ms(fn, x: tf.Tensor, repeats: int) -> float:
@@ -63,7 +64,7 @@ def main() -> None:
             t0 = time.perf_counter()
             predictor.predict_file(args.image)
             times.append(time.perf_counter() - t0)
-        models = ", ".join(f"{m.run.config().model} {m.image_size} px" for m in predictor.members)
+        models = ", ".join(f"{m.run.config().model} {size_text(m.image_size)}" for m in predictor.members)
         print(f"predict end to end ({args.run}: {models}): {1000 * np.median(times):.1f} ms per image (median of {args.repeats})")
 
 

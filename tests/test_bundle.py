@@ -92,6 +92,22 @@ def test_model_card_is_written_from_the_run(bundles, smoke_runs, demo_dir):
     manifest = json.loads((bundles["smoke_ensemble"] / "manifest.json").read_text())
     assert manifest["classes"] == list(CLASSES) and manifest["logit_offset"] and manifest["mel_threshold"] is not None
     assert [m["image_size"] for m in manifest["members"]] == [64, 64, 48, 64] and manifest["software"]["tensorflow"]
+    assert [m["input_shape"] for m in manifest["members"]] == [[64, 64], [64, 64], [48, 48], [64, 64]]
+
+
+def test_a_bundle_from_before_input_shapes_still_loads(bundles, lesion_images, tmp_path):
+    """Bundles exported before non-square inputs name only ``image_size``: read as squares, they score as before."""
+    from skin_lesion.bundle import Bundle
+
+    out = tmp_path / "old"
+    shutil.copytree(bundles["smoke_ensemble"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for member in manifest["members"]:
+        del member["input_shape"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    old, new = Bundle(out), Bundle(bundles["smoke_ensemble"])
+    assert old.sizes == new.sizes == [48, 64]
+    np.testing.assert_array_equal(old.probs_file(lesion_images[0]), new.probs_file(lesion_images[0]))
 
 
 def _broken_copy(bundle: Path, tmp_path: Path, how: str) -> Path:
@@ -108,7 +124,7 @@ def _broken_copy(bundle: Path, tmp_path: Path, how: str) -> Path:
         model.write_bytes(os.urandom(4096))
         manifest["members"][0]["sha256"] = __import__("hashlib").sha256(model.read_bytes()).hexdigest()
     elif how == "size_mismatch":
-        manifest["members"][0]["image_size"] = 96
+        manifest["members"][0]["image_size"], manifest["members"][0]["input_shape"] = 96, [96, 96]
     elif how == "manifest_not_json":
         (out / "manifest.json").write_text("{not json")
         return out
