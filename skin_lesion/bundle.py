@@ -28,7 +28,9 @@ from skin_lesion.info import CLASS_DESCRIPTIONS, CLASSES, MEL, UserError
 from skin_lesion.pixels import Size, decode_rgb, hw, resize_like_training, size_key, size_text
 
 BUNDLE_FORMAT = "skin_lesion.bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 1  # what a bundle of square members is written as: readers from before 4:3 inputs read it
+BUNDLE_VERSION_SHAPES = 2  # a bundle with a non-square member: an older reader then says its version is unknown
+READ_VERSIONS = (BUNDLE_VERSION, BUNDLE_VERSION_SHAPES)
 MANIFEST = "manifest.json"
 
 
@@ -65,8 +67,9 @@ def _read_manifest(folder: Path) -> dict:
         raise BundleError(f"{path}: not valid JSON ({e}); export the bundle again") from e
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: not a skin_lesion bundle manifest; export the bundle again")
-    if manifest.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle format version {manifest.get('version')}, this skin_lesion reads version {BUNDLE_VERSION}; export it again")
+    if manifest.get("version") not in READ_VERSIONS:
+        raise BundleError(f"{path}: bundle format version {manifest.get('version')}, this skin_lesion reads versions {READ_VERSIONS}; "
+                          "export it again with this skin_lesion")
     if manifest.get("classes") != list(CLASSES):
         raise BundleError(f"{path}: its classes {manifest.get('classes')} are not {list(CLASSES)}; it was exported for another label set")
     if not manifest.get("members"):

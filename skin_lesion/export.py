@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from skin_lesion import __version__
-from skin_lesion.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, Bundle, file_sha256
+from skin_lesion.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, BUNDLE_VERSION_SHAPES, MANIFEST, Bundle, file_sha256
 from skin_lesion.card import model_card
 from skin_lesion.evaluate import run_frames
 from skin_lesion.guard import REJECT_ON_VALIDATION, fit_guard
@@ -95,8 +95,9 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike) -> Path:
             temperature=float(member.manifest().get("temperature", 1.0)), head=f"member{i}_head.npz", config=asdict(cfg),
         ))
         log.info("Exported %s (%s, %s) -> %s", member.path, cfg.model, size_text(cfg.input_size), tflite)
+    version = BUNDLE_VERSION if all(h == w for h, w in (e["input_shape"] for e in entries)) else BUNDLE_VERSION_SHAPES
     bundle = dict(
-        format=BUNDLE_FORMAT, version=BUNDLE_VERSION, kind="mean_ensemble" if ensemble else "run", source=str(folder.path),
+        format=BUNDLE_FORMAT, version=version, kind="mean_ensemble" if ensemble else "run", source=str(folder.path),
         classes=list(CLASSES), members=entries,
         # a single run's temperature is its member's; an ensemble's applies to the mean of its calibrated members
         temperature=float(manifest["temperature"]) if ensemble else 1.0,

@@ -106,7 +106,7 @@ def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
 def tta_views(image_size: Size, tta: int) -> int:
     """How many of ``tta`` views a model of input ``image_size`` gets: at most 4 for a non-square frame."""
     height, width = hw(image_size)
-    return max(1, tta if height == width else min(tta, 4))
+    return tta if height == width else max(1, min(tta, 4))
 
 
 def tta_function(model: keras.Model, tta: int = 1):
@@ -135,17 +135,18 @@ def resize_run(run: str | os.PathLike, image_size: int, out: str | os.PathLike) 
     ``ensemble`` and ``predict`` take the copy. Its ``config.json`` records the
     new size and ``extra.resized_from``; ``split.csv`` is the run's own."""
     run, out = RunFolder(run), Path(out)
-    if image_size < 32:  # the backbones downsample 32-fold
-        raise DataError(f"--image-size {image_size}: too small; the models need at least 32 px")
     if out.resolve() == run.path.resolve():
         raise DataError(f"{out}: resizing a run needs another folder than the run itself; pass --out")
     model, cfg = load_run_model(run)
-    inp = keras.Input((*hw(input_size(image_size, cfg.aspect)), 3), name="image")
+    size = input_size(image_size, cfg.aspect)
+    if min(hw(size)) < 32:  # the backbones downsample 32-fold
+        raise DataError(f"--image-size {image_size}: too small ({size_text(size)}); the models need at least 32 px each way")
+    inp = keras.Input((*hw(size), 3), name="image")
     try:
         sized = keras.models.clone_model(model, input_tensors=[inp] if isinstance(model.input, list) else inp)
         sized.set_weights(model.get_weights())
     except ValueError as e:
-        raise DataError(f"{run.model_file}: this model cannot take {image_size} px inputs ({e})") from e
+        raise DataError(f"{run.model_file}: this model cannot take {size_text(size)} inputs ({e})") from e
     out.mkdir(parents=True, exist_ok=True)
     sized.save(out / "model.keras")
     extra = {**cfg.extra, "resized_from": os.path.relpath(run.path.resolve(), out.resolve())}
@@ -217,18 +218,18 @@ class Predictor:
 
         return tf.function(all_members, reduce_retracing=True)
 
-    def _mean(self, batches: dict[int, np.ndarray]) -> np.ndarray:
+    def _mean(self, batches: dict[Size, np.ndarray]) -> np.ndarray:
         """Mean of the members' calibrated probabilities, each fed the batch at its input size."""
         outs = self._all_members(*[tf.convert_to_tensor(batches[s], tf.float32) for s in self.sizes])
         out = [apply_temperature(o.numpy(), m.temperature) for o, m in zip(outs, self.members)]
         return apply_temperature(np.mean(out, axis=0), self.temperature)
 
-    def probs_sized(self, batches: dict[int, np.ndarray]) -> np.ndarray:
+    def probs_sized(self, batches: dict[Size, np.ndarray]) -> np.ndarray:
         """Calibrated probabilities for a batch of preprocessed images given at every input size the members take."""
         return self._mean(batches)
 
     def probs(self, images: np.ndarray) -> np.ndarray:
-        """Calibrated class probabilities for a batch of (size, size, 3) images at the
+        """Calibrated class probabilities for a batch of (height, width, 3) images at the
         members' one input size (an ensemble whose members differ in size takes files: ``probs_file``)."""
         if len(self.sizes) > 1:
             raise ValueError("this ensemble's members take different input sizes; score files with probs_file")

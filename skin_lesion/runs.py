@@ -32,6 +32,7 @@ import pandas as pd
 
 from skin_lesion.config import TrainConfig
 from skin_lesion.info import CLASSES, DataError
+from skin_lesion.pixels import hw
 
 AVERAGE_DIR = "average"
 CONFIG = "config.json"
@@ -49,6 +50,13 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def input_fields(cfg: TrainConfig) -> dict:
+    """What a run's manifest says of its model's input: ``image_size`` (px, the width), and
+    ``input_shape`` (height, width) when the input is not square."""
+    height, width = hw(cfg.input_size)
+    return {"image_size": cfg.image_size} if height == width else {"image_size": cfg.image_size, "input_shape": [height, width]}
 
 
 class RunFolder:
@@ -175,7 +183,7 @@ class RunFolder:
             write_atomic(child.config_file, json.dumps({**raw, "run": str(child.path), **changes}, indent=2))
         if self.split_file.exists():
             shutil.copyfile(self.split_file, child.split_file)
-        child.update_manifest(kind="run", image_size=changes.get("image_size", self.config().image_size if self.config_file.exists() else None))
+        child.update_manifest(kind="run", **(input_fields(child.config()) if child.config_file.exists() else {"image_size": None}))
         return child
 
     # ------------------------------------------------------------------ evaluations

@@ -29,7 +29,7 @@ from skin_lesion.losses import make_loss
 from skin_lesion.models import build_model, set_backbone_trainable
 from skin_lesion.pipeline import make_pipeline, sampling_prior
 from skin_lesion.pixels import hw
-from skin_lesion.runs import RunFolder
+from skin_lesion.runs import RunFolder, input_fields
 from skin_lesion.splits import fold_parts, make_split_table, subsample
 from skin_lesion.workers import cluster_size, exit_on_signal, is_chief, worker_index, worker_scratch
 
@@ -99,7 +99,7 @@ def _start_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, RunFolder]:
         raise DataError(f"{run.path}: the run folder already holds a run; pass --resume to continue it or choose a new --run")
     cfg = cfg.resolved()
     run.write_config(cfg)
-    run.update_manifest(kind="run", image_size=cfg.image_size)
+    run.update_manifest(kind="run", **input_fields(cfg))
     return cfg, run
 
 

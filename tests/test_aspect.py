@@ -73,15 +73,20 @@ def test_cli_trains_evaluates_and_exports_4_3(demo_dir, lesion_images, tmp_path)
     assert json.loads((run / "config.json").read_text())["aspect"] == "4:3"
     assert keras.models.load_model(run / "model.keras").input_shape == (None, 48, 64, 3)
     assert json.loads((run / "metrics.json").read_text())["tta_views"] == 4
+    assert json.loads((run / "manifest.json").read_text())["input_shape"] == [48, 64]
 
     res = cli("evaluate", "--run", str(run), "--image-size", "96", "--out", str(tmp_path / "r43_96"), "--tta", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert keras.models.load_model(tmp_path / "r43_96" / "model.keras").input_shape == (None, 72, 96, 3)
+    assert json.loads((tmp_path / "r43_96" / "manifest.json").read_text())["input_shape"] == [72, 96]
+    res = cli("evaluate", "--run", str(run), "--image-size", "40", "--out", str(tmp_path / "r43_40"))
+    assert res.returncode != 0 and "30x40 px" in res.stderr and "at least 32 px each way" in res.stderr
 
     res = cli("export", "--run", str(run), "--out", str(tmp_path / "bundle"))
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["members"][0]["input_shape"] == [48, 64] and manifest["guard"]["input_shape"] == [48, 64]
+    assert manifest["version"] == 2  # a reader from before 4:3 inputs says so, rather than misreading the shape
     assert "48x64 px" in (tmp_path / "bundle" / "MODEL_CARD.md").read_text()
     bundle, keras_path = Bundle(tmp_path / "bundle"), Predictor(run)
     assert bundle.sizes == keras_path.sizes == [(48, 64)]

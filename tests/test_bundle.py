@@ -92,7 +92,7 @@ def test_model_card_is_written_from_the_run(bundles, smoke_runs, demo_dir):
     manifest = json.loads((bundles["smoke_ensemble"] / "manifest.json").read_text())
     assert manifest["classes"] == list(CLASSES) and manifest["logit_offset"] and manifest["mel_threshold"] is not None
     assert [m["image_size"] for m in manifest["members"]] == [64, 64, 48, 64] and manifest["software"]["tensorflow"]
-    assert [m["input_shape"] for m in manifest["members"]] == [[64, 64], [64, 64], [48, 48], [64, 64]]
+    assert [m["input_shape"] for m in manifest["members"]] == [[64, 64], [64, 64], [48, 48], [64, 64]] and manifest["version"] == 1
 
 
 def test_a_bundle_from_before_input_shapes_still_loads(bundles, lesion_images, tmp_path):
