@@ -26,7 +26,7 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
-    from skin_lesion.bundle import Bundle
+    from skin_lesion.bundle import Bundle, member_size
     from skin_lesion.data import load_dataset
     from skin_lesion.guard import foreign_images
     from skin_lesion.pixels import size_text
@@ -45,7 +45,7 @@ def main() -> None:
     test = meta[meta["split"] == "test"]
     verdicts = np.array([bundle.analyse_file(p).recognised for p in test["path"]])
     g = bundle.manifest["guard"]
-    size = size_text(g.get("input_shape") or g["image_size"])
+    size = size_text(member_size(g))
     print(f"guard: features of member {g['member']} at {size} and pixel statistics; fitted on {g['fitted_on']['train']} training images, "
           f"thresholds set on {g['fitted_on']['validation']} validation images ({g['reject_on_validation']:.1%} of them refused)")
     print(f"test split: {(~verdicts).sum()} of {len(verdicts)} refused ({(~verdicts).mean():.1%})")

@@ -26,7 +26,7 @@ from skin_lesion.info import CLASSES, DataError
 from skin_lesion.losses import SmoothedSparseCrossentropy
 from skin_lesion.models import CaffePreprocess, PriorShift
 from skin_lesion.pipeline import make_pipeline, read_image
-from skin_lesion.pixels import Size, hw, size_key, size_text
+from skin_lesion.pixels import Size, hw, size_text
 from skin_lesion.runs import RunFolder
 
 log = logging.getLogger("skin_lesion")
@@ -87,6 +87,9 @@ def load_run_model(run: str | os.PathLike) -> tuple[keras.Model, TrainConfig]:
 # --------------------------------------------------------------------------- test-time augmentation
 
 
+FRAME_VIEWS = 4  # the flips and the half turn: all the views that keep a non-square frame's shape
+
+
 def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
     """The first ``n`` of the 8 flips/rotations of a batch: lesions have no up or down.
 
@@ -95,7 +98,7 @@ def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
     flips, a half turn), in the order the square views give them for n <= 2."""
     if x.shape[1] != x.shape[2]:
         flipped = tf.image.flip_left_right(x)
-        return [x, flipped, tf.image.flip_up_down(x), tf.image.flip_up_down(flipped)][: max(1, min(n, 4))]
+        return [x, flipped, tf.image.flip_up_down(x), tf.image.flip_up_down(flipped)][: max(1, min(n, FRAME_VIEWS))]
     views = []
     for k in range(4):
         r = tf.image.rot90(x, k)
@@ -106,7 +109,7 @@ def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
 def tta_views(image_size: Size, tta: int) -> int:
     """How many of ``tta`` views a model of input ``image_size`` gets: at most 4 for a non-square frame."""
     height, width = hw(image_size)
-    return tta if height == width else max(1, min(tta, 4))
+    return tta if height == width else max(1, min(tta, FRAME_VIEWS))
 
 
 def tta_function(model: keras.Model, tta: int = 1):
@@ -196,7 +199,7 @@ class Predictor:
         self.members = []
         for member in runs:
             model, cfg = load_run_model(member)
-            self.members.append(Member(member, size_key(cfg.input_size), float(member.manifest().get("temperature", 1.0)), tta_function(model, tta)))
+            self.members.append(Member(member, cfg.input_size, float(member.manifest().get("temperature", 1.0)), tta_function(model, tta)))
         ensemble = len(folder.members()) > 0
         # a mean ensemble's own temperature goes on the mean of its members' calibrated probabilities;
         # its logit adjustment, if it has one, moves only the decided label (``label``)
