@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train as N worker processes on this machine (MultiWorkerMirroredStrategy; per-worker batch --batch-size)")
     t.add_argument("--gpu-path", dest="gpu_path", action="store_true", default=None,
                    help="take the GPU code path (mixed precision, XLA) even without a GPU: for checking it on a CPU")
+    t.add_argument("--refit-from", dest="refit_from", metavar="RUN",
+                   help="retrain the finished run RUN's config on its train + validation images, up to the epoch RUN kept; "
+                        "calibrated on RUN's out-of-fold predictions for the added images")
+    t.add_argument("--refit-half", dest="refit_half", type=int, choices=[0, 1],
+                   help="with --refit-from: add only this half of RUN's validation lesions and score both runs on the other half (a screen)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run from its last epoch")
     t.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
     t.add_argument("--tta", type=int, default=8, help="test-time augmentation views (1-8)")

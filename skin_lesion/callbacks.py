@@ -100,7 +100,7 @@ class WeightAverage(keras.callbacks.Callback):
     The run's ``model.keras`` stays the best epoch: the mean is a second model.
     """
 
-    def __init__(self, run: RunFolder, first: int, end: int, val_dataset: tf.data.Dataset, val_labels: np.ndarray):
+    def __init__(self, run: RunFolder, first: int, end: int, val_dataset: tf.data.Dataset | None, val_labels: np.ndarray):
         super().__init__()
         self.run, self.first, self.end = RunFolder(run), first, end
         self.val_dataset, self.val_labels = val_dataset, val_labels
@@ -125,20 +125,23 @@ class WeightAverage(keras.callbacks.Callback):
             self.model.set_weights(weights)  # the checkpoint keeps the last epoch's own weights
 
     def _save_mean(self, mean: list[np.ndarray], n: int, logs: dict) -> None:
-        """Score the mean on validation (into the logs) and save it as the run ``average/``."""
+        """Score the mean on validation, when the run has any (into the logs), and save it as the run ``average/``."""
         self.model.set_weights(mean)
-        pred = predict_probs(self.model, self.val_dataset).argmax(1)
-        logs["val_balanced_accuracy_average"] = balanced_accuracy(self.val_labels, pred)
+        if self.val_dataset is not None:
+            pred = predict_probs(self.model, self.val_dataset).argmax(1)
+            logs["val_balanced_accuracy_average"] = balanced_accuracy(self.val_labels, pred)
         out = self.run.derive(self.run.average.path)
         tmp = out.path / "model.tmp.keras"
         self.model.save(tmp)
         os.replace(tmp, out.model_file)
-        log.info("%s: mean of the last %d epochs' weights, validation balanced accuracy %.4f", out.model_file, n, logs["val_balanced_accuracy_average"])
+        scored = f", validation balanced accuracy {logs['val_balanced_accuracy_average']:.4f}" if "val_balanced_accuracy_average" in logs else ""
+        log.info("%s: mean of the last %d epochs' weights%s", out.model_file, n, scored)
 
 
 class RunCheckpoint(keras.callbacks.Callback):
     """After every epoch, in this order: ``model.keras`` if validation
-    balanced accuracy improved; ``checkpoint-epochNNN.keras`` (model + optimizer);
+    balanced accuracy improved (with ``keep_epoch``, at that epoch alone: a
+    refit keeps the epoch its source chose); ``checkpoint-epochNNN.keras`` (model + optimizer);
     ``state.json`` (epochs done, that checkpoint, best score, history) replaced
     atomically; ``history.csv`` rewritten from it; older checkpoints removed.
 
@@ -146,15 +149,19 @@ class RunCheckpoint(keras.callbacks.Callback):
     checkpoint and the history of exactly the epochs in it.
     """
 
-    def __init__(self, run: RunFolder):
+    def __init__(self, run: RunFolder, keep_epoch: int | None = None):
         super().__init__()
-        self.run = RunFolder(run)
+        self.run, self.keep_epoch = RunFolder(run), keep_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         state = self.run.state()
         score = logs.get("val_balanced_accuracy", -1.0)
-        if state["best_score"] is None or score > state["best_score"]:
+        if self.keep_epoch is not None:
+            keep = epoch + 1 == self.keep_epoch
+        else:
+            keep = state["best_score"] is None or score > state["best_score"]
+        if keep:
             tmp = self.run.path / "best.tmp.keras"
             self.model.save(tmp)
             os.replace(tmp, self.run.model_file)

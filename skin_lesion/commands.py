@@ -73,10 +73,39 @@ def worker_argv(argv: list[str]) -> list[str]:
     return [*out, "--no-eval"] if "--no-eval" not in out else out
 
 
+REFIT_KEEPS = ("run", "data", "devices", "gpu_path")  # the TrainConfig options a refit takes from the command line
+
+
+def refit_config(args):
+    """The refit run's config (``refit.start_refit``), refusing options that would
+    change the source run's recipe: a refit repeats it on more images."""
+    from dataclasses import replace
+
+    from skin_lesion.config import TrainConfig
+    from skin_lesion.refit import start_refit
+
+    given = sorted(k for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in REFIT_KEEPS)
+    clash = [*given, *(["config"] if args.config else []), *(["resume"] if args.resume else []), *(["local_workers"] if args.local_workers else [])]
+    if clash:
+        raise SystemExit(f"train --refit-from: repeats {args.refit_from}'s own config; drop --{', --'.join(c.replace('_', '-') for c in clash)} "
+                         "(a stopped refit resumes with `train --resume --run OUT` alone)")
+    if not args.run:
+        raise SystemExit("train --refit-from: name the new run folder with --run")
+    from skin_lesion.workers import cluster_size
+
+    if cluster_size() > 1:
+        raise SystemExit("train --refit-from: start the refit on one machine without TF_CONFIG (stop it after its first epoch line), "
+                         "then run `train --resume --run OUT` on every worker")
+    cfg = start_refit(args.refit_from, args.run, args.refit_half)
+    return replace(cfg, data=args.data or cfg.data, devices=args.devices or cfg.devices, gpu_path=args.gpu_path if args.gpu_path is not None else cfg.gpu_path)
+
+
 def train_cmd(args) -> int:
     from skin_lesion.workers import cluster_size, is_chief, launch_local_workers, stop_with_launcher
 
-    cfg = train_config(args)
+    if args.refit_half is not None and not args.refit_from:
+        raise SystemExit("train --refit-half: goes with --refit-from RUN")
+    cfg = refit_config(args) if args.refit_from else train_config(args)
     stop_with_launcher()
     if (args.local_workers or cluster_size() > 1) and args.folds and args.fold is None:
         raise SystemExit("train: several workers train one run; for k-fold CV pass --fold I to each fold's run")

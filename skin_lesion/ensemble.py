@@ -27,8 +27,9 @@ def aligned_probabilities(runs: list[RunFolder], split: str) -> tuple[pd.DataFra
     base = runs[0].predictions(split)
     out = {runs[0].label: base[list(CLASSES)].to_numpy(dtype=float)}
     for run in runs[1:]:
-        merged = base[["image_id"]].merge(run.predictions(split), on="image_id", how="left")
-        if merged[list(CLASSES)].isna().any().any():
+        own = run.predictions(split)
+        merged = base[["image_id"]].merge(own, on="image_id", how="left")
+        if merged[list(CLASSES)].isna().any().any() or len(own) != len(base):
             raise DataError(f"{run.path}: its {split} rows differ from {runs[0].path}'s; combine runs that share a split")
         out[run.label] = merged[list(CLASSES)].to_numpy(dtype=float)
     return base, out

@@ -22,6 +22,7 @@ from skin_lesion.data import external_set, label_ids, load_dataset
 from skin_lesion.inference import load_run_model, predict_probs, tta_views
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.metrics import classification_metrics, lesion_bootstrap
+from skin_lesion.refit import calibration_frames, refit_of, screen_scores
 from skin_lesion.runs import TEST, RunFolder, training_minutes
 from skin_lesion.splits import fold_parts
 
@@ -123,9 +124,33 @@ def evaluate_run(
     else:
         scored, name = meta[meta["split"] == "test"], TEST
     tta = tta_views(cfg.input_size, tta)
-    p_val = predict_probs(model, val, cfg.input_size, tta=tta)
+    if refit_of(run):
+        val, p_val = refit_calibration(run, model, cfg, meta, tta, extra, screen=name == TEST)
+    else:
+        p_val = predict_probs(model, val, cfg.input_size, tta=tta)
     p_scored = predict_probs(model, scored, cfg.input_size, tta=tta)
     return score_predictions(run, cfg, val, p_val, scored, p_scored, tta, target_mel_recall, name, mel_confidence, extra=extra)
+
+
+def refit_calibration(run, model, cfg: TrainConfig, meta: pd.DataFrame, tta: int, extra: dict, screen: bool) -> tuple[pd.DataFrame, np.ndarray]:
+    """A refit's calibration set and probabilities: the validation images it
+    added, as its source run (which never trained on them) scores them.
+
+    With ``screen`` and a kept validation half, ``extra["refit_screen"]`` gets the
+    refit's and the source's metrics there under that calibration (``refit.screen_scores``)."""
+    refit = refit_of(run)
+    cal, kept = calibration_frames(run, meta)
+    source_model, source_cfg = load_run_model(refit.source)  # at the source's own input size (a resized copy of a refit has another)
+    p_cal = predict_probs(source_model, cal, source_cfg.input_size, tta=tta)
+    extra["refit"] = {**refit.as_dict(), "calibrated_on": f"the source run's out-of-fold predictions for the {len(cal)} validation images this run added"}
+    if screen and not kept.empty:
+        t = fit_temperature(p_cal, label_ids(cal["dx"]))
+        p_refit = apply_temperature(predict_probs(model, kept, cfg.input_size, tta=tta), t)
+        p_source = apply_temperature(predict_probs(source_model, kept, source_cfg.input_size, tta=tta), t)
+        extra["refit_screen"] = screen_scores(label_ids(kept["dx"]), p_refit, p_source)
+        log.info("refit screen on the kept %d validation images: balanced accuracy %.4f (refit) vs %.4f (source)", len(kept),
+                 extra["refit_screen"]["refit"]["balanced_accuracy"], extra["refit_screen"]["source"]["balanced_accuracy"])
+    return cal, p_cal
 
 
 def score_predictions(

@@ -30,6 +30,7 @@ from skin_lesion.inference import load_run_model
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.models import HEAD_PREFIX, last_conv_layer
 from skin_lesion.pixels import Size, decode_rgb, hw, size_text
+from skin_lesion.refit import calibration_frames, refit_of
 from skin_lesion.runs import RunFolder, write_atomic
 
 log = logging.getLogger("skin_lesion")
@@ -128,6 +129,9 @@ def fit_bundle_guard(out: Path, run: RunFolder, reject: float = REJECT_ON_VALIDA
         return np.stack(features), np.stack(statistics)
 
     train, validation = meta[meta["split"] == "train"], meta[meta["split"] == "val"]
+    if validation.empty and refit_of(run):  # a full refit kept no validation: the threshold goes on the images it added (see docs)
+        validation, _ = calibration_frames(run.path, meta)
+        train = train[~train["image_id"].isin(set(validation["image_id"]))]
     if train.empty or validation.empty:
         raise DataError(f"{run.split_file}: the guard needs training and validation images; export a run trained with a validation split")
     log.info("Fitting the out-of-distribution guard on %d training and %d validation images (%s)", len(train), len(validation), size_text(size))

@@ -183,7 +183,13 @@ class RunFolder:
             write_atomic(child.config_file, json.dumps({**raw, "run": str(child.path), **changes}, indent=2))
         if self.split_file.exists():
             shutil.copyfile(self.split_file, child.split_file)
-        child.update_manifest(kind="run", **(input_fields(child.config()) if child.config_file.exists() else {"image_size": None}))
+        child.update_manifest(kind="run", **(input_fields(child.config()) if child.config_file.exists() else {"image_size": changes.get("image_size")}))
+        refit = self.manifest().get("refit")
+        if refit:  # a refit's copies calibrate as it does; its weight average on its source's average, where there is one
+            source = RunFolder(os.path.normpath(self.path.resolve() / refit["source"]))
+            if child.path == self.average.path and source.average.has_model():
+                source = source.average
+            child.update_manifest(refit={**refit, "source": os.path.relpath(source.path.resolve(), child.path.resolve())})
         return child
 
     # ------------------------------------------------------------------ evaluations

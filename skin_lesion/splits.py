@@ -103,6 +103,14 @@ def fold_parts(split: pd.DataFrame, fold: int, val: float = 0.15, seed: int = 0)
     return part
 
 
+def validation_halves(val: pd.DataFrame, seed: int = 0) -> pd.Series:
+    """Cut validation rows (columns lesion_id, dx) into halves 0 and 1 by lesion,
+    class by class: what a refit screen adds to training and what it scores on."""
+    lesions = val.groupby("lesion_id", sort=True)["dx"].first()
+    part = _allocate_lesions(lesions, {"half1": 0.5}, seed)
+    return val["lesion_id"].map(part).eq("half1").astype(int).rename("half")
+
+
 def make_split_table(meta: pd.DataFrame, folds: int | None = None, seed: int = 0, by: str = "lesion", holdout_source: str | None = None) -> pd.DataFrame:
     """The ``split.csv`` table: image_id, lesion_id, dx and ``split`` (or ``fold``).
 

@@ -29,6 +29,7 @@ from skin_lesion.losses import make_loss
 from skin_lesion.models import build_model, set_backbone_trainable
 from skin_lesion.pipeline import make_pipeline, sampling_prior
 from skin_lesion.pixels import hw
+from skin_lesion.refit import last_epoch, refit_of
 from skin_lesion.runs import RunFolder, input_fields
 from skin_lesion.splits import fold_parts, make_split_table, subsample
 from skin_lesion.workers import cluster_size, exit_on_signal, is_chief, worker_index, worker_scratch
@@ -152,14 +153,18 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
     size = hw(cfg.input_size)
     in_pipeline = cfg.augment if cfg.augment_on == "pipeline" else False
     batch = cfg.batch_size * workers  # the global batch: each worker's share is cfg.batch_size
-    val_pipe = make_pipeline(parts["val"], size, cfg.batch_size)
+    refit = refit_of(run)
+    stop = last_epoch(cfg, run)
+    has_val = refit is None or not parts["val"].empty  # a refit on all of validation has none left; other runs need it (an empty one is refused)
+    val_pipe = make_pipeline(parts["val"], size, cfg.batch_size) if has_val else None
     val_labels = label_ids(parts["val"]["dx"])
     prior = sampling_prior(label_ids(parts["train"]["dx"]), cfg.imbalance)
     log.info("Run %s: %s on %s; %d train / %d val images (%s)", run.path, cfg.model, ds.label, len(parts["train"]), len(parts["val"]), cfg.imbalance)
 
     done = run.completed_epochs()
     for k, phase in enumerate(phases(cfg)):
-        if done >= phase.end:
+        end = min(phase.end, stop)  # a refit stops at the epoch it keeps, on its source's schedule
+        if phase.start >= stop or done >= end:
             continue
         # A fresh pipeline per phase, seeded by the phase: a dataset's shuffles reseed
         # from state its earlier iterators advanced, as far as they ran ahead (thread
@@ -178,27 +183,28 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
                 set_backbone_trainable(model, phase.unfreeze_from, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
                 compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path and strategy.num_replicas_in_sync == 1)
         model = prepare_model(model, strategy)
-        log.info("Phase %s: epochs %d-%d, lr %.2g, %d trainable weights", phase.name, phase.start + 1, phase.end, phase.lr, len(model.trainable_weights))
+        schedule = f" (a refit: it stops at its source's kept epoch, on a schedule to epoch {phase.end})" if end < phase.end else ""
+        log.info("Phase %s: epochs %d-%d%s, lr %.2g, %d trainable weights", phase.name, phase.start + 1, end, schedule, phase.lr, len(model.trainable_weights))
         averaging = cfg.average_last > 0 and phase.end == cfg.epochs
         callbacks = [  # in this order: each on_epoch_end sees the logs the ones before it added
-            BalancedAccuracy(val_pipe.dataset, val_labels),
+            *([BalancedAccuracy(val_pipe.dataset, val_labels)] if has_val else []),
             keras.callbacks.LearningRateScheduler(cosine_lr(phase.lr, phase.start, phase.end)),
-            *([WeightAverage(run, max(phase.start, phase.end - cfg.average_last), phase.end, val_pipe.dataset, val_labels)] if averaging else []),
+            *([WeightAverage(run, max(phase.start, phase.end - cfg.average_last), phase.end, val_pipe and val_pipe.dataset, val_labels)] if averaging else []),
             EpochSeconds(),  # its clock starts at the epoch's start, wherever it sits; it stops after validation
-            RunCheckpoint(run),
-            EpochLog(run, cfg.epochs),
+            RunCheckpoint(run, keep_epoch=refit.epoch if refit else None),
+            EpochLog(run, stop),
         ]
         model.fit(
             dataset,
             steps_per_epoch=train_pipe.steps,
-            epochs=phase.end,
+            epochs=end,
             initial_epoch=done,
             class_weight=train_pipe.class_weight,
             callbacks=callbacks,
             shuffle=False,  # the pipeline shuffles; tf.data input ignores this anyway
             verbose=verbose,
         )
-        done = phase.end
+        done = end
 
 
 def _phase_model(cfg: TrainConfig, run: RunFolder, prior: np.ndarray | None = None, training_steps: int | None = None) -> keras.Model:
@@ -220,7 +226,7 @@ def train_or_resume(cfg: TrainConfig, verbose: int | str = "auto") -> Path:
         return train(cfg, verbose=verbose)
     saved = run.config().resolved()
     check_same_config(saved, cfg.resolved(), run.path)
-    if run.completed_epochs() < saved.epochs:
+    if run.completed_epochs() < last_epoch(saved, run):
         return train(cfg, resume=True, verbose=verbose)
     log.info("Run %s is complete: reusing it", run.path)
     return run.path

@@ -294,7 +294,7 @@ def test_the_gpu_code_path_runs_on_a_cpu(demo_dir, tmp_path):
     for augment_on, devices in (("model", "2"), ("pipeline", "1")):
         run = tmp_path / augment_on
         res = cli(*SMOKE, "--model", "cnn", "--epochs", "1", "--devices", devices, "--augment-on", augment_on, "--gpu-path", "--no-eval",
-                  "--data", str(demo_dir), "--run", str(run), fresh=True)
+                  "--max-per-class", "6", "--image-size", "32", "--data", str(demo_dir), "--run", str(run), fresh=True)
         assert res.returncode == 0, res.stderr[-3000:]
         model = keras.models.load_model(run / "model.keras")
         assert model.get_layer("block1_conv1").dtype_policy.name == "mixed_float16"  # float16 compute, float32 weights
