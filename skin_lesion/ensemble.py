@@ -69,7 +69,7 @@ def mean_runs(
     val, val_probs = aligned_probabilities(runs, "val")
     test, test_probs = aligned_probabilities(runs, TEST)
     p_val, p_test = member_mean(val_probs), member_mean(test_probs)
-    members = [os.path.relpath(r.path.resolve(), out.path.resolve()) for r in runs]
+    members = [out.relative(r) for r in runs]
     extra: dict = dict(ensemble=members)
     offset = None
     if logit_adjust:

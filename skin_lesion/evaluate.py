@@ -22,9 +22,9 @@ from skin_lesion.data import external_set, label_ids, load_dataset
 from skin_lesion.inference import load_run_model, predict_probs, tta_views
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.metrics import classification_metrics, lesion_bootstrap
-from skin_lesion.refit import calibration_frames, refit_of, screen_scores
+from skin_lesion.refit import Refit, calibration_frames, refit_of, screen_scores
 from skin_lesion.runs import TEST, RunFolder, training_minutes
-from skin_lesion.splits import fold_parts
+from skin_lesion.splits import with_split
 
 log = logging.getLogger("skin_lesion")
 
@@ -80,8 +80,7 @@ def run_frames(run: str | os.PathLike) -> tuple[pd.DataFrame, TrainConfig]:
     table = run.read_split()
     if table is None:
         raise DataError(f"{run.split_file}: missing; a trained run has the split.csv train wrote (train the run, or copy the whole folder)")
-    if "fold" in table and "split" not in table:
-        table["split"] = fold_parts(table, cfg.fold or 0, seed=cfg.seed).to_numpy()
+    table = with_split(table, cfg.fold, cfg.seed)
     ds = load_dataset(cfg.data)
     meta = ds.meta.merge(table[["image_id", "split"]], on="image_id", how="inner")
     if meta.empty:
@@ -124,21 +123,21 @@ def evaluate_run(
     else:
         scored, name = meta[meta["split"] == "test"], TEST
     tta = tta_views(cfg.input_size, tta)
-    if refit_of(run):
-        val, p_val = refit_calibration(run, model, cfg, meta, tta, extra, screen=name == TEST)
+    refit = refit_of(run)
+    if refit:
+        val, p_val = refit_calibration(run, refit, model, cfg, meta, tta, extra, screen=name == TEST)
     else:
         p_val = predict_probs(model, val, cfg.input_size, tta=tta)
     p_scored = predict_probs(model, scored, cfg.input_size, tta=tta)
     return score_predictions(run, cfg, val, p_val, scored, p_scored, tta, target_mel_recall, name, mel_confidence, extra=extra)
 
 
-def refit_calibration(run, model, cfg: TrainConfig, meta: pd.DataFrame, tta: int, extra: dict, screen: bool) -> tuple[pd.DataFrame, np.ndarray]:
+def refit_calibration(run, refit: Refit, model, cfg: TrainConfig, meta: pd.DataFrame, tta: int, extra: dict, screen: bool) -> tuple[pd.DataFrame, np.ndarray]:
     """A refit's calibration set and probabilities: the validation images it
     added, as its source run (which never trained on them) scores them.
 
     With ``screen`` and a kept validation half, ``extra["refit_screen"]`` gets the
     refit's and the source's metrics there under that calibration (``refit.screen_scores``)."""
-    refit = refit_of(run)
     cal, kept = calibration_frames(run, meta)
     source_model, source_cfg = load_run_model(refit.source)  # at the source's own input size (a resized copy of a refit has another)
     p_cal = predict_probs(source_model, cal, source_cfg.input_size, tta=tta)

@@ -25,8 +25,8 @@ import pandas as pd
 
 from skin_lesion.config import TrainConfig
 from skin_lesion.info import DataError
-from skin_lesion.runs import RunFolder
-from skin_lesion.splits import validation_halves
+from skin_lesion.runs import STATE, RunFolder
+from skin_lesion.splits import validation_halves, with_split
 
 HALVES = (0, 1)
 
@@ -53,12 +53,7 @@ def refit_of(run: str | os.PathLike | RunFolder) -> Refit | None:
     raw = folder.manifest().get("refit")
     if not raw:
         return None
-    return Refit(Path(os.path.normpath(folder.path.resolve() / raw["source"])), int(raw["epoch"]), raw.get("half"))
-
-
-def relative_source(source: str | os.PathLike, folder: str | os.PathLike) -> str:
-    """``source`` as the manifest of the run in ``folder`` stores it: relative to that folder."""
-    return os.path.relpath(Path(source).resolve(), Path(folder).resolve())
+    return Refit(folder.linked(raw["source"]).path, int(raw["epoch"]), raw.get("half"))
 
 
 def refit_table(table: pd.DataFrame, half: int | None, seed: int) -> pd.DataFrame:
@@ -91,7 +86,7 @@ def start_refit(source: str | os.PathLike, out: str | os.PathLike, half: int | N
         raise DataError(f"{src.path}: not a finished run (no config.json or model.keras); --refit-from takes a trained run folder")
     if half is not None and half not in HALVES:
         raise DataError(f"--refit-half {half}: choose 0 or 1")
-    if not (src.path / "state.json").exists():
+    if not (src.path / STATE).exists():
         raise DataError(f"{src.path}: holds no training record (state.json), as a weight average or a resized copy does; refit the run that trained it")
     state = src.state()
     cfg = src.config().resolved()
@@ -103,24 +98,20 @@ def start_refit(source: str | os.PathLike, out: str | os.PathLike, half: int | N
     table = src.read_split()
     if table is None:
         raise DataError(f"{src.split_file}: missing; the source run needs the split.csv train wrote")
-    if "fold" in table and "split" not in table:
-        from skin_lesion.splits import fold_parts
-
-        table["split"] = fold_parts(table, cfg.fold or 0, seed=cfg.seed).to_numpy()
+    table = with_split(table, cfg.fold, cfg.seed)
     dest = RunFolder(out)
     if dest.config_file.exists() or dest.history_file.exists():  # a split alone is what a start that died left: written again
         raise DataError(f"{dest.path}: the run folder already holds a run; pass --resume to continue it or choose a new --run")
     cfg = replace(cfg, run=str(dest.path))
     dest.write_split(refit_table(table, half, cfg.seed))
-    dest.update_manifest(refit={**Refit(src.path, epoch, half).as_dict(), "source": relative_source(src.path, dest.path)})
+    dest.update_manifest(refit={**Refit(src.path, epoch, half).as_dict(), "source": dest.relative(src)})
     dest.write_config(cfg)  # last: a folder with a config is a run that `train --resume` continues
     return cfg
 
 
-def last_epoch(cfg: TrainConfig, run: RunFolder) -> int:
-    """The epoch a run trains up to: a refit stops at the epoch it keeps (unless
-    it also averages the last epochs' weights, which needs them all)."""
-    refit = refit_of(run)
+def last_epoch(cfg: TrainConfig, refit: Refit | None) -> int:
+    """The epoch a run (``refit``: its ``refit_of``) trains up to: a refit stops at the
+    epoch it keeps (unless it also averages the last epochs' weights, which needs them all)."""
     if refit is None or cfg.average_last:
         return cfg.epochs
     return min(refit.epoch, cfg.epochs)

@@ -186,10 +186,10 @@ class RunFolder:
         child.update_manifest(kind="run", **(input_fields(child.config()) if child.config_file.exists() else {"image_size": changes.get("image_size")}))
         refit = self.manifest().get("refit")
         if refit:  # a refit's copies calibrate as it does; its weight average on its source's average, where there is one
-            source = RunFolder(os.path.normpath(self.path.resolve() / refit["source"]))
+            source = self.linked(refit["source"])
             if child.path == self.average.path and source.average.has_model():
                 source = source.average
-            child.update_manifest(refit={**refit, "source": os.path.relpath(source.path.resolve(), child.path.resolve())})
+            child.update_manifest(refit={**refit, "source": child.relative(source)})
         return child
 
     # ------------------------------------------------------------------ evaluations
@@ -239,6 +239,15 @@ class RunFolder:
             manifest["outputs"] = {**manifest.get("outputs", {}), **outputs}
         self.write_json(self.manifest_file, manifest)
         return manifest
+
+    def relative(self, other: str | os.PathLike | RunFolder) -> str:
+        """``other``'s path as this folder's manifest stores it: relative to this folder,
+        so a runs folder moved as a whole keeps its links."""
+        return os.path.relpath(RunFolder(other).path.resolve(), self.path.resolve())
+
+    def linked(self, stored: str | os.PathLike) -> RunFolder:
+        """The run a path in this folder's manifest names (``relative`` reversed; an absolute path stays as it is)."""
+        return RunFolder(os.path.normpath(self.path.resolve() / stored))
 
     def members(self) -> list[RunFolder]:
         """A mean ensemble's member runs (as the manifest records them, relative to this folder); [] for a run."""

@@ -103,6 +103,13 @@ def fold_parts(split: pd.DataFrame, fold: int, val: float = 0.15, seed: int = 0)
     return part
 
 
+def with_split(table: pd.DataFrame, fold: int | None, seed: int) -> pd.DataFrame:
+    """``table`` (a ``split.csv``) with its ``split`` column: a k-fold table's is cut for ``fold`` (``fold_parts``)."""
+    if "fold" in table and "split" not in table:
+        table = table.assign(split=fold_parts(table, fold or 0, seed=seed).to_numpy())
+    return table
+
+
 def validation_halves(val: pd.DataFrame, seed: int = 0) -> pd.Series:
     """Cut validation rows (columns lesion_id, dx) into halves 0 and 1 by lesion,
     class by class: what a refit screen adds to training and what it scores on."""

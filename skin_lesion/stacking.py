@@ -171,7 +171,7 @@ def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray]
         folder.write_table(folder.predictions_file(name), prediction_table(test, probs, pred))
         fields = dict(kind="decision_layer", models=layer.models)
         if runs is not None:
-            fields["stacked_runs"] = [os.path.relpath(r.path.resolve(), folder.path.resolve()) for r in runs]
+            fields["stacked_runs"] = [folder.relative(r) for r in runs]
         folder.update_manifest({name: {"metrics": folder.metrics_file(name).name, "predictions": folder.predictions_file(name).name}}, **fields)
         result["files"] = [str(folder.metrics_file(name)), str(folder.predictions_file(name))]
     return result

@@ -31,7 +31,7 @@ from skin_lesion.pipeline import make_pipeline, sampling_prior
 from skin_lesion.pixels import hw
 from skin_lesion.refit import last_epoch, refit_of
 from skin_lesion.runs import RunFolder, input_fields
-from skin_lesion.splits import fold_parts, make_split_table, subsample
+from skin_lesion.splits import make_split_table, subsample, with_split
 from skin_lesion.workers import cluster_size, exit_on_signal, is_chief, worker_index, worker_scratch
 
 log = logging.getLogger("skin_lesion")
@@ -81,8 +81,7 @@ def prepare_split(cfg: TrainConfig, ds: Dataset, run: RunFolder) -> pd.DataFrame
         meta = subsample(ds.meta, cfg.max_per_class, cfg.seed)
         table = make_split_table(meta, folds=cfg.folds, seed=cfg.seed, by=cfg.split_by, holdout_source=cfg.holdout_source)
         run.write_split(table)
-    if "fold" in table and "split" not in table:
-        table["split"] = fold_parts(table, cfg.fold or 0, seed=cfg.seed).to_numpy()
+    table = with_split(table, cfg.fold, cfg.seed)
     meta = ds.meta.merge(table[["image_id", "split"]], on="image_id", how="inner")
     if meta.empty:
         raise DataError(f"{run.split_file}: its image_ids do not match the data folder {ds.root}; use a fresh --run folder")
@@ -154,7 +153,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
     in_pipeline = cfg.augment if cfg.augment_on == "pipeline" else False
     batch = cfg.batch_size * workers  # the global batch: each worker's share is cfg.batch_size
     refit = refit_of(run)
-    stop = last_epoch(cfg, run)
+    stop = last_epoch(cfg, refit)
     has_val = refit is None or not parts["val"].empty  # a refit on all of validation has none left; other runs need it (an empty one is refused)
     val_pipe = make_pipeline(parts["val"], size, cfg.batch_size) if has_val else None
     val_labels = label_ids(parts["val"]["dx"])
@@ -226,7 +225,7 @@ def train_or_resume(cfg: TrainConfig, verbose: int | str = "auto") -> Path:
         return train(cfg, verbose=verbose)
     saved = run.config().resolved()
     check_same_config(saved, cfg.resolved(), run.path)
-    if run.completed_epochs() < last_epoch(saved, run):
+    if run.completed_epochs() < last_epoch(saved, refit_of(run)):
         return train(cfg, resume=True, verbose=verbose)
     log.info("Run %s is complete: reusing it", run.path)
     return run.path

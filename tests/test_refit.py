@@ -65,9 +65,9 @@ def test_last_epoch_and_the_kept_epoch_checkpoint(tmp_path):
 
     run = RunFolder(tmp_path / "r").mkdir()
     cfg = TrainConfig(model="cnn", profile="smoke", epochs=5, average_last=0)
-    assert last_epoch(cfg, run) == 5  # an ordinary run
+    assert last_epoch(cfg, refit_of(run)) == 5  # an ordinary run
     run.update_manifest(refit={"source": "../src", "epoch": 2, "half": None})
-    assert last_epoch(cfg, run) == 2 and last_epoch(TrainConfig(model="cnn", epochs=5, average_last=2), run) == 5
+    assert last_epoch(cfg, refit_of(run)) == 2 and last_epoch(TrainConfig(model="cnn", epochs=5, average_last=2), refit_of(run)) == 5
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     for keep, kept in ((2, 2), (None, 3)):  # the kept epoch, or (ordinary) the best score
