@@ -139,10 +139,19 @@ def test_full_refit_has_no_validation_left_and_still_calibrates(smoke_runs, tmp_
 @pytest.mark.parametrize("extra, message", [
     (["--model", "cnn"], "drop --model"),
     (["--seed", "3", "--resume"], "drop --seed, --resume"),
+    (["--local-workers", "2"], "drop --local-workers"),
 ])
 def test_refit_refuses_options_that_change_the_recipe(smoke_runs, tmp_path, extra, message):
     res = cli("train", "--refit-from", str(smoke_runs / "smoke_cnn"), "--run", str(tmp_path / "r"), *extra)
     assert res.returncode != 0 and message in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_refit_is_started_on_one_machine(smoke_runs, tmp_path):
+    """Under TF_CONFIG every worker would write the new run folder: the refit is refused, with the way to do it."""
+    tf_config = json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 0}})
+    res = cli("train", "--refit-from", str(smoke_runs / "smoke_cnn"), "--run", str(tmp_path / "r"), env={"TF_CONFIG": tf_config})
+    assert res.returncode != 0 and "without TF_CONFIG" in res.stderr and "train --resume --run OUT" in res.stderr
     assert not (tmp_path / "r").exists()
 
 
