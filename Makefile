@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= cpu
 SEED ?= 0
 RUNS ?= runs
+TEST_WORKERS ?= 2
 
 .PHONY: setup report test lint bench clean
 
@@ -23,9 +24,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 report: setup
 	$(PY) -m skin_lesion report --profile $(PROFILE) --seed $(SEED) --runs $(RUNS)
 
+# Two pytest workers keep both cores busy (one process alone averages about one);
+# the tests that share the smoke study run on one of them (tests/conftest.py).
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(PY) bench/pipeline.py

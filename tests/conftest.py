@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 REAL = os.environ.get("SKIN_LESION_DATA")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs two workers) every test that needs the
+    smoke study goes to one worker, so the study is trained once, not once a worker."""
+    for item in items:
+        if "smoke_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smoke_study"))
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """A 250-image synthetic demo set, made once per test session."""
