@@ -34,6 +34,7 @@ bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/inference.py
 	$(PY) bench/frozen_cache.py
+	$(PY) bench/metrics.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -112,20 +112,35 @@ def tta_views(image_size: Size, tta: int) -> int:
     return tta if height == width else max(1, min(tta, FRAME_VIEWS))
 
 
-def tta_function(model: keras.Model, tta: int = 1):
-    """One compiled function: a batch in, probabilities averaged over ``tta`` dihedral views out."""
+def tta_function(model: keras.Model, tta: int = 1, image_size: Size | None = None):
+    """One compiled function: a batch in, probabilities averaged over ``tta`` dihedral views out.
+
+    Given the model's ``image_size`` it is traced once for any number of
+    images (the last, partial batch of a set costs no second trace; the
+    outputs are the same bits, checked on the smoke study's models)."""
 
     def probs(x):
         return tf.reduce_mean(tf.stack([model(v, training=False) for v in dihedral_views(x, tta)]), axis=0)
 
-    return tf.function(probs, reduce_retracing=True)
+    if image_size is None:
+        return tf.function(probs, reduce_retracing=True)
+    traced: dict[tf.DType, Any] = {}  # one trace per input dtype (the pipeline's uint8, a caller's float32)
+
+    def call(x):
+        dtype = tf.as_dtype(x.dtype)
+        if dtype not in traced:
+            traced[dtype] = tf.function(probs, input_signature=[tf.TensorSpec((None, *hw(image_size), 3), dtype)])
+        return traced[dtype](x)
+
+    call.functions = traced  # the compiled functions, by input dtype
+    return call
 
 
 def predict_probs(model: keras.Model, frame: pd.DataFrame, image_size: Size, batch_size: int = 32, tta: int = 1) -> np.ndarray:
     """Class probabilities for rows of ``frame`` in order, averaged over ``tta`` dihedral views;
     ``image_size`` is the model's input (px, or (height, width))."""
     pipe = make_pipeline(frame, hw(image_size), batch_size, cache=False)  # one pass: a cache would only cost memory
-    fn = tta_function(model, tta)
+    fn = tta_function(model, tta, image_size)
     return np.concatenate([fn(x).numpy() for x, _ in pipe.dataset]).astype("float64")
 
 
@@ -199,7 +214,7 @@ class Predictor:
         self.members = []
         for member in runs:
             model, cfg = load_run_model(member)
-            self.members.append(Member(member, cfg.input_size, float(member.manifest().get("temperature", 1.0)), tta_function(model, tta)))
+            self.members.append(Member(member, cfg.input_size, float(member.manifest().get("temperature", 1.0)), tta_function(model, tta, cfg.input_size)))
         ensemble = len(folder.members()) > 0
         # a mean ensemble's own temperature goes on the mean of its members' calibrated probabilities;
         # its logit adjustment, if it has one, moves only the decided label (``label``)

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from skin_lesion.data import label_ids
 from skin_lesion.info import AGE_BANDS, AGE_EDGES, CLASSES, MEL
@@ -41,9 +42,23 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
     return float(ece)
 
 
+def binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC AUC of ``score`` for the boolean ``positive`` (None unless both kinds are present).
+
+    The Mann-Whitney form, ties counting one half: the value scikit-learn's
+    ``roc_auc_score`` gives, at a fraction of its cost, which matters in the
+    bootstrap (seven classes times 300 resamples per evaluation)."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def macro_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
     """Mean one-vs-rest AUC over the classes present in ``y`` that are not all of it (None if none)."""
-    aucs = [roc_auc_score(y == c, probs[:, c]) for c in np.unique(y) if 0 < (y == c).sum() < len(y)]
+    aucs = [a for a in (binary_auc(y == c, probs[:, c]) for c in np.unique(y)) if a is not None]
     return float(np.mean(aucs)) if aucs else None
 
 
@@ -60,7 +75,7 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, pred: np.ndarray | 
     for i, c in enumerate(CLASSES):
         tn = cm.sum() - cm[i].sum() - cm[:, i].sum() + cm[i, i]
         fp = cm[:, i].sum() - cm[i, i]
-        auc = float(roc_auc_score(y == i, probs[:, i])) if 0 < (y == i).sum() < len(y) else None
+        auc = binary_auc(y == i, probs[:, i])
         if auc is not None:
             aucs.append(auc)
         per_class[c] = dict(

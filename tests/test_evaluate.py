@@ -13,7 +13,7 @@ from skin_lesion.data import label_ids, read_labels
 from skin_lesion.ensemble import mean_runs
 from skin_lesion.evaluate import prediction_table
 from skin_lesion.info import CLASSES, MEL, DataError
-from skin_lesion.metrics import age_band, classification_metrics, expected_calibration_error, lesion_bootstrap, subgroup_table
+from skin_lesion.metrics import age_band, binary_auc, classification_metrics, expected_calibration_error, lesion_bootstrap, subgroup_table
 from skin_lesion.runs import RunFolder, training_minutes
 from skin_lesion.stacking import fit_decision_layer, metadata_features, score_decision_layer
 from skin_lesion.study import logit_adjust_scan
@@ -35,6 +35,18 @@ def test_metrics_match_hand_counts():
     assert mel["recall"] == pytest.approx(2 / 3) and mel["precision"] == pytest.approx(2 / 3)
     assert mel["specificity"] == pytest.approx(6 / 7)  # 7 non-mel, one called mel
     assert np.array(m["confusion_matrix"]).sum() == 10 and m["confusion_matrix"][4][5] == 1
+
+
+def test_auc_is_scikit_learns_with_ties_and_none_for_one_kind():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for n, levels in ((50, 5), (400, 1000), (2000, 3)):  # few distinct scores: many ties
+        positive = rng.random(n) < 0.2
+        score = np.round(rng.random(n) + 0.3 * positive, 3) if levels == 1000 else rng.integers(0, levels, n).astype(float)
+        assert binary_auc(positive, score) == pytest.approx(roc_auc_score(positive, score), abs=1e-12)
+    assert binary_auc(np.array([True, True]), np.array([0.1, 0.9])) is None
+    assert binary_auc(np.array([False, True]), np.array([0.1, 0.9])) == 1.0
 
 
 def test_ece_zero_when_confidence_equals_accuracy_and_temperature_fixes_overconfidence():

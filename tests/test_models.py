@@ -197,3 +197,21 @@ def test_gradcam_reaches_the_last_convolution(name):
     heat = make_gradcam_heatmap(x, model)
     assert heat.shape[0] == 2 and heat.ndim == 3 and 0 <= heat.min() and heat.max() <= 1 + 1e-6
     assert overlay(x[0], heat[0]).shape == (64, 64, 3)
+
+
+def test_tta_function_traces_once_for_every_batch_size_and_gives_what_a_fresh_trace_gives():
+    """``inference.tta_function`` given the input size compiles one graph for any
+    number of images (a set's last, partial batch included) and gives the outputs
+    that a function traced for that exact batch gives."""
+    import tensorflow as tf
+
+    from skin_lesion.inference import dihedral_views, tta_function
+
+    model = models.build_model("efficientnet_lite0", 64, weights="none")
+    shared = tta_function(model, 2, 64)
+    rng = np.random.default_rng(0)
+    for n in (32, 5, 1):
+        x = tf.constant(rng.integers(0, 256, (n, 64, 64, 3)).astype("uint8"))
+        fresh = tf.function(lambda x: tf.reduce_mean(tf.stack([model(v, training=False) for v in dihedral_views(x, 2)]), axis=0))(x)
+        np.testing.assert_allclose(shared(x).numpy(), fresh.numpy(), rtol=0, atol=1e-6)
+    assert list(shared.functions) == [tf.uint8] and shared.functions[tf.uint8].experimental_get_tracing_count() == 1
