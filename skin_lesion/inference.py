@@ -251,6 +251,9 @@ class Predictor:
         members' one input size (an ensemble whose members differ in size takes files: ``probs_file``)."""
         if len(self.sizes) > 1:
             raise ValueError("this ensemble's members take different input sizes; score files with probs_file")
+        expected = hw(self.sizes[0])
+        if np.ndim(images) != 4 or tuple(np.shape(images)[1:]) != (*expected, 3):
+            raise ValueError(f"images of shape {np.shape(images)}: this model takes a batch of {expected[0]}x{expected[1]} RGB images, (n, {expected[0]}, {expected[1]}, 3)")
         return self._mean({self.sizes[0]: images})
 
     def probs_file(self, path: str | os.PathLike) -> np.ndarray:

@@ -48,6 +48,9 @@ def binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
     The Mann-Whitney form, ties counting one half: the value scikit-learn's
     ``roc_auc_score`` gives, at a fraction of its cost, which matters in the
     bootstrap (seven classes times 300 resamples per evaluation)."""
+    positive, score = np.asarray(positive, dtype=bool), np.asarray(score, dtype=float)
+    if not np.isfinite(score).all():
+        raise ValueError("AUC: the scores hold NaN or infinite values")
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     if not n_pos or not n_neg:

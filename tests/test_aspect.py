@@ -92,6 +92,8 @@ def test_cli_trains_evaluates_and_exports_4_3(demo_dir, lesion_images, tmp_path)
     assert bundle.sizes == keras_path.sizes == [(48, 64)]
     images = np.stack([pipeline.read_image(p, (48, 64)) for p in lesion_images[:40]])
     expected = keras_path.probs(images)
+    with pytest.raises(ValueError, match=r"takes a batch of 48x64 RGB images"):  # a square batch for a 4:3 model: one line, not a tracing error
+        keras_path.probs(images[:, :, :48])
     got = np.stack([bundle.probs_sized({(48, 64): image}) for image in images])
     assert np.abs(got - expected).max() <= 1e-4
     analysis = bundle.analyse_file(lesion_images[0], heatmap=True)

@@ -47,6 +47,9 @@ def test_auc_is_scikit_learns_with_ties_and_none_for_one_kind():
         assert binary_auc(positive, score) == pytest.approx(roc_auc_score(positive, score), abs=1e-12)
     assert binary_auc(np.array([True, True]), np.array([0.1, 0.9])) is None
     assert binary_auc(np.array([False, True]), np.array([0.1, 0.9])) == 1.0
+    assert binary_auc([0, 1, 1, 0], [0.1, 0.9, 0.8, 0.2]) == 1.0  # a 0/1 list is a mask, not positions
+    with pytest.raises(ValueError, match="NaN"):
+        binary_auc(np.array([False, True]), np.array([0.1, np.nan]))
 
 
 def test_ece_zero_when_confidence_equals_accuracy_and_temperature_fixes_overconfidence():
