@@ -112,18 +112,16 @@ def tta_views(image_size: Size, tta: int) -> int:
     return tta if height == width else max(1, min(tta, FRAME_VIEWS))
 
 
-def tta_function(model: keras.Model, tta: int = 1, image_size: Size | None = None):
+def tta_function(model: keras.Model, tta: int, image_size: Size):
     """One compiled function: a batch in, probabilities averaged over ``tta`` dihedral views out.
 
-    Given the model's ``image_size`` it is traced once for any number of
-    images (the last, partial batch of a set costs no second trace; the
-    outputs are the same bits, checked on the smoke study's models)."""
+    Its batch dimension is left open, so it is traced once for any number of
+    images (a set's last, partial batch costs no second trace) for inputs of
+    the model's ``image_size``."""
 
     def probs(x):
         return tf.reduce_mean(tf.stack([model(v, training=False) for v in dihedral_views(x, tta)]), axis=0)
 
-    if image_size is None:
-        return tf.function(probs, reduce_retracing=True)
     traced: dict[tf.DType, Any] = {}  # one trace per input dtype (the pipeline's uint8, a caller's float32)
 
     def call(x):
