@@ -11,12 +11,12 @@ import logging
 import math
 import os
 import time
+import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from skin_lesion.distribute import is_multi_worker
 from skin_lesion.metrics import balanced_accuracy
 from skin_lesion.runs import RunFolder
 
@@ -24,20 +24,37 @@ log = logging.getLogger("skin_lesion")
 
 
 def predict_probs(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
-    """The model's outputs on ``dataset``, in its order.
+    """The model's outputs on ``dataset`` (batches of images, or of images and
+    labels), in its order: one compiled forward pass per batch (``forward_pass``),
+    outside any distribution strategy.
 
-    In a multi-worker run each worker scores the whole validation set itself
-    (one compiled forward pass per batch, outside the strategy): ``predict``
-    would shard it between the workers and gather the parts back, and the
-    validation figures must not depend on how a cluster cuts a partial batch.
+    In a multi-worker run each worker so scores the whole validation set itself:
+    ``predict`` would shard it between the workers and gather the parts back, and
+    the validation figures must not depend on how a cluster cuts a partial batch.
     """
-    if not is_multi_worker(model.distribute_strategy):
-        return model.predict(dataset, verbose=0)
-    forward = getattr(model, "_local_forward", None)
-    if forward is None:
-        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-        object.__setattr__(model, "_local_forward", forward)  # kept with the model, outside Keras' attribute tracking
-    return np.concatenate([keras.ops.convert_to_numpy(forward(x)) for x, *_ in dataset]).astype("float32")
+    with_labels = isinstance(dataset.element_spec, tuple)  # (images, labels, ...) or images alone
+    forward = forward_pass(model, dataset.element_spec[0] if with_labels else dataset.element_spec)
+    images = (batch[0] if with_labels else batch for batch in dataset)
+    return np.concatenate([keras.ops.convert_to_numpy(forward(x)) for x in images]).astype("float32")
+
+
+def forward_pass(model: keras.Model, spec: tf.TensorSpec) -> tf.types.experimental.GenericFunction:
+    """``model(x, training=False)`` as one graph for batches of any size shaped like
+    ``spec``, kept with the model for the epochs that follow.
+
+    ``predict`` traces its step twice each phase (the full batch, then the partial
+    last one, about 2.5 s each on 2 cores); an open batch dimension traces once.
+    The graph reaches the model through a weak reference, so keeping it on the
+    model adds no reference cycle.
+    """
+    signature = tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)
+    cached = getattr(model, "_forward_pass", None)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    owner = weakref.ref(model)
+    forward = tf.function(lambda x: owner()(x, training=False), input_signature=[signature])
+    object.__setattr__(model, "_forward_pass", (signature, forward))  # outside Keras' attribute tracking
+    return forward
 
 
 def validation_scores(model: keras.Model, dataset: tf.data.Dataset, labels: np.ndarray) -> dict[str, float]:

@@ -201,8 +201,9 @@ def test_gradcam_reaches_the_last_convolution(name):
 
 def test_tta_function_traces_once_for_every_batch_size_and_gives_what_a_fresh_trace_gives():
     """``inference.tta_function`` given the input size compiles one graph for any
-    number of images (a set's last, partial batch included) and gives the outputs
-    that a function traced for that exact batch gives."""
+    number of images (a set's last, partial batch included), kept with the model
+    for its views and size, and gives the outputs that a function traced for that
+    exact batch gives."""
     import tensorflow as tf
 
     from skin_lesion.inference import dihedral_views, tta_function
@@ -215,3 +216,5 @@ def test_tta_function_traces_once_for_every_batch_size_and_gives_what_a_fresh_tr
         fresh = tf.function(lambda x: tf.reduce_mean(tf.stack([model(v, training=False) for v in dihedral_views(x, 2)]), axis=0))(x)
         np.testing.assert_allclose(shared(x).numpy(), fresh.numpy(), rtol=0, atol=1e-6)
     assert list(shared.functions) == [tf.uint8] and shared.functions[tf.uint8].experimental_get_tracing_count() == 1
+    assert tta_function(model, 2, 64) is shared  # the validation and test sets share one trace
+    assert tta_function(model, 1, 64) is not shared and tta_function(model, 2, 48) is not shared
