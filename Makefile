@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/inference.py
 	$(PY) bench/frozen_cache.py
 	$(PY) bench/metrics.py
+	$(PY) bench/tracing.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
