@@ -11,12 +11,12 @@ import logging
 import math
 import os
 import time
-import weakref
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from skin_lesion.inference import kept_function
 from skin_lesion.metrics import balanced_accuracy
 from skin_lesion.runs import RunFolder
 
@@ -40,21 +40,14 @@ def predict_probs(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
 
 def forward_pass(model: keras.Model, spec: tf.TensorSpec) -> tf.types.experimental.GenericFunction:
     """``model(x, training=False)`` as one graph for batches of any size shaped like
-    ``spec``, kept with the model for the epochs that follow.
+    ``spec``, kept with the model for the epochs that follow (``inference.kept_function``).
 
     ``predict`` traces its step twice each phase (the full batch, then the partial
     last one, about 2.5 s each on 2 cores); an open batch dimension traces once.
-    The graph reaches the model through a weak reference, so keeping it on the
-    model adds no reference cycle.
     """
     signature = tf.TensorSpec((None, *spec.shape[1:]), spec.dtype)
-    cached = getattr(model, "_forward_pass", None)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
-    owner = weakref.ref(model)
-    forward = tf.function(lambda x: owner()(x, training=False), input_signature=[signature])
-    object.__setattr__(model, "_forward_pass", (signature, forward))  # outside Keras' attribute tracking
-    return forward
+    return kept_function(model, ("forward", signature),
+                         lambda owner: tf.function(lambda x: owner()(x, training=False), input_signature=[signature]))
 
 
 def validation_scores(model: keras.Model, dataset: tf.data.Dataset, labels: np.ndarray) -> dict[str, float]:

@@ -11,6 +11,7 @@ import logging
 import os
 import weakref
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,23 +114,35 @@ def tta_views(image_size: Size, tta: int) -> int:
     return tta if height == width else max(1, min(tta, FRAME_VIEWS))
 
 
+def kept_function(model: keras.Model, key: tuple, build: Callable[[weakref.ref], Any]) -> Any:
+    """The compiled function ``build(owner)`` makes for ``model`` under ``key``: made
+    once and kept on the model (outside Keras' attribute tracking), so later calls
+    reuse its traces. ``owner`` is a weak reference to the model, through which the
+    function reaches it: keeping the function on the model adds no reference cycle."""
+    kept = getattr(model, "_kept_functions", {})
+    if key not in kept:
+        kept = {**kept, key: build(weakref.ref(model))}
+        object.__setattr__(model, "_kept_functions", kept)
+    return kept[key]
+
+
 def tta_function(model: keras.Model, tta: int, image_size: Size):
     """One compiled function: a batch in, probabilities averaged over ``tta`` dihedral views out.
 
     Its batch dimension is left open, so it is traced once for any number of
     images (a set's last, partial batch costs no second trace) for inputs of
-    the model's ``image_size``. It is kept with the model, so scoring the
-    validation and then the test images traces it once (about 4 s on 2 cores);
-    it reaches the model through a weak reference, adding no reference cycle."""
-    key = (tta, hw(image_size))
-    kept = getattr(model, "_tta_functions", {})
-    if key in kept:
-        return kept[key]
-    owner = weakref.ref(model)
+    the model's ``image_size``. It is kept with the model (``kept_function``),
+    so scoring the validation and then the test images traces it once (a few
+    seconds on 2 cores)."""
+    return kept_function(model, ("tta", tta, hw(image_size)), lambda owner: _tta_call(owner, tta, image_size))
+
+
+def _tta_call(owner: weakref.ref, tta: int, image_size: Size):
+    """``tta_function``'s function for the model ``owner`` refers to, traced per input dtype."""
 
     def probs(x):
-        scorer = owner()
-        return tf.reduce_mean(tf.stack([scorer(v, training=False) for v in dihedral_views(x, tta)]), axis=0)
+        model = owner()
+        return tf.reduce_mean(tf.stack([model(v, training=False) for v in dihedral_views(x, tta)]), axis=0)
 
     traced: dict[tf.DType, Any] = {}  # one trace per input dtype (the pipeline's uint8, a caller's float32)
 
@@ -140,7 +153,6 @@ def tta_function(model: keras.Model, tta: int, image_size: Size):
         return traced[dtype](x)
 
     call.functions = traced  # the compiled functions, by input dtype
-    object.__setattr__(model, "_tta_functions", {**kept, key: call})  # outside Keras' attribute tracking
     return call
 
 

@@ -52,8 +52,7 @@ def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0, x
         jit_compile=xla and all(layer.supports_jit for layer in model._flatten_layers()),
     )
     # The optimizer's slots made now too: a train step whose first trace creates
-    # variables is traced a second time by TensorFlow (about 5 s a phase on 2 cores).
-    # Under a multi-worker strategy Keras builds them itself, inside its scope.
+    # variables is traced a second time by TensorFlow (several seconds a phase on 2 cores).
     model.optimizer.build(model.trainable_variables)
 
 
