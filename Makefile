@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/frozen_cache.py
 	$(PY) bench/metrics.py
 	$(PY) bench/tracing.py
+	$(PY) bench/export.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

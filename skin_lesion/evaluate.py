@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from skin_lesion import __version__
+from skin_lesion.bundle import file_sha256
 from skin_lesion.calibration import apply_temperature, decide, fit_temperature, mel_recall_at, mel_threshold, operating_point
 from skin_lesion.config import TrainConfig
 from skin_lesion.data import external_set, label_ids, load_dataset
@@ -129,7 +131,37 @@ def evaluate_run(
     else:
         p_val = predict_probs(model, val, cfg.input_size, tta=tta)
     p_scored = predict_probs(model, scored, cfg.input_size, tta=tta)
-    return score_predictions(run, cfg, val, p_val, scored, p_scored, tta, target_mel_recall, name, mel_confidence, extra=extra)
+    result = score_predictions(run, cfg, val, p_val, scored, p_scored, tta, target_mel_recall, name, mel_confidence, extra=extra)
+    if name == TEST:
+        RunFolder(run).update_manifest(scored_from=scoring_record(run, tta, target_mel_recall, mel_confidence))
+    return result
+
+
+def scoring_record(run: str | os.PathLike, views: int, target_mel_recall: float, mel_confidence: float | None) -> dict:
+    """What a run's test-split evaluation is computed from, besides the data: the bytes of
+    its model file (and of a refit's source model, which scores its calibration set) and of
+    its split, the views, the operating point's settings and the package's version."""
+    folder = RunFolder(run)
+    record = dict(model_sha256=file_sha256(folder.model_file), split_sha256=file_sha256(folder.split_file), tta_views=views,
+                  target_mel_recall=target_mel_recall, mel_confidence=mel_confidence, skin_lesion=__version__)
+    refit = refit_of(run)
+    if refit:
+        record["source_model_sha256"] = file_sha256(RunFolder(refit.source).model_file)
+    return record
+
+
+def current_evaluation(run: str | os.PathLike, tta: int = 8, target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95) -> dict | None:
+    """The run's test-split metrics (``metrics.json``) when its manifest records that they were
+    scored from what ``scoring_record`` reads now, with these settings; else None.
+
+    What lets the study (notebook 03, the ``study`` command) read back an evaluation
+    instead of scoring every image again; ``evaluate`` always scores."""
+    folder = RunFolder(run)
+    recorded = folder.manifest().get("scored_from")
+    if not recorded or not folder.metrics_file(TEST).exists() or not folder.has_model():
+        return None
+    views = tta_views(folder.config().input_size, tta)
+    return folder.metrics() if recorded == scoring_record(run, views, target_mel_recall, mel_confidence) else None
 
 
 def refit_calibration(run, refit: Refit, model, cfg: TrainConfig, meta: pd.DataFrame, tta: int, extra: dict, screen: bool) -> tuple[pd.DataFrame, np.ndarray]:

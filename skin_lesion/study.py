@@ -25,7 +25,7 @@ from skin_lesion.calibration import decide
 from skin_lesion.config import LITE_NAMES, MODEL_NAMES, TrainConfig
 from skin_lesion.data import label_ids
 from skin_lesion.ensemble import mean_runs, train_class_frequency
-from skin_lesion.evaluate import evaluate_run
+from skin_lesion.evaluate import current_evaluation, evaluate_run
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.metrics import HEADLINE, balanced_accuracy
 from skin_lesion.models import WeightsError, build_resnet50
@@ -127,7 +127,7 @@ def evaluate_study(runs: str | os.PathLike, profile: str) -> dict[str, dict]:
     run_dirs = study_run_dirs(runs, profile)
     if not run_dirs:
         raise DataError(f"{runs}: no trained runs for profile {profile}; run notebook 02_train (or `make report`) first")
-    results = {RunFolder(r).label.replace("/", "_"): evaluate_run(r, tta=study_tta(profile)).as_dict() for r in run_dirs}
+    results = {RunFolder(r).label.replace("/", "_"): _evaluation(r, study_tta(profile)) for r in run_dirs}
     cnn = [r for r in run_dirs if r.name == f"{profile}_cnn"]
     backbone = [r for r in run_dirs if r not in cnn]
     results[f"{profile}_ensemble"] = mean_runs(run_dirs, Path(runs) / f"{profile}_ensemble", logit_adjust=STUDY_LOGIT_ADJUST).as_dict()
@@ -136,6 +136,16 @@ def evaluate_study(runs: str | os.PathLike, profile: str) -> dict[str, dict]:
         results["paper_ensemble"] = mean_runs(paper_pair, Path(runs) / f"{profile}_paper_ensemble").as_dict()
     results["stacked"] = stack_runs(backbone, Path(runs) / f"{profile}_stacked")
     return results
+
+
+def _evaluation(run: Path, tta: int) -> dict:
+    """A run's test-split metrics: read back when they were scored from its present model file
+    and split with these views (``evaluate.current_evaluation``), else scored now."""
+    metrics = current_evaluation(run, tta=tta)
+    if metrics is not None:
+        log.info("Run %s: scored before from this model file with %d view(s): reusing its evaluation", run, metrics["tta_views"])
+        return metrics
+    return evaluate_run(run, tta=tta).as_dict()
 
 
 def combination_folders(runs: str | os.PathLike, profile: str) -> dict[str, Path]:

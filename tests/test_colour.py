@@ -89,7 +89,7 @@ def test_a_colour_constant_run_trains_exports_and_the_bundle_agrees(demo_dir, le
     from skin_lesion.inference import Predictor
 
     run = tmp_path / "sog"
-    res = cli("train", "--profile", "smoke", "--tta", "2", "--model", "efficientnet_lite0", "--epochs", "1", "--colour-constancy", "shades_of_gray",
+    res = cli("train", "--profile", "smoke", "--tta", "2", "--model", "cnn", "--epochs", "1", "--colour-constancy", "shades_of_gray",
               "--colour-augment", "2", "--data", str(demo_dir), "--run", str(run))
     assert res.returncode == 0, res.stderr[-3000:]
     config = json.loads((run / "config.json").read_text())

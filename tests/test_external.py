@@ -96,6 +96,29 @@ def written_files(stdout: str) -> list[str]:
     return line.split(" -> ", 1)[1].split(", ")
 
 
+def test_the_study_reads_back_an_evaluation_only_while_what_it_came_from_is_unchanged(run, labelled, tmp_path):
+    """``current_evaluation`` gives the test-split metrics a run was scored with while its
+    model file, split, views and settings are unchanged; anything else is scored again."""
+    import keras
+
+    from skin_lesion.evaluate import current_evaluation
+
+    saved = json.loads((run / "metrics.json").read_text())
+    assert current_evaluation(run, tta=2) == saved  # the shared run was scored with TTA 2
+    assert current_evaluation(run, tta=1) is None and current_evaluation(run, tta=2, target_mel_recall=0.9) is None
+    external_folder(labelled, tmp_path / "clinic").to_csv(tmp_path / "labels.csv", index=False)
+    assert evaluate(run, tmp_path / "clinic", tmp_path / "labels.csv").returncode == 0
+    assert current_evaluation(run, tta=2) == saved  # an external set's scores leave the test split's standing
+    split = (run / "split.csv").read_text()
+    (run / "split.csv").write_text(split.replace("\n", "\r\n"))  # the same rows in other bytes: cannot be known to be the same
+    assert current_evaluation(run, tta=2) is None
+    (run / "split.csv").write_text(split)
+    keras.models.load_model(run / "model.keras").save(run / "model.keras")  # the same weights, saved again
+    assert current_evaluation(run, tta=2) is None
+    assert cli("evaluate", "--run", str(run), "--tta", "2").returncode == 0
+    assert current_evaluation(run, tta=2) == json.loads((run / "metrics.json").read_text())
+
+
 def test_an_absent_labelled_image_is_an_error_unless_skipped(run, labelled, tmp_path):
     images = tmp_path / "clinic"
     table = external_folder(labelled, images)

@@ -94,10 +94,11 @@ def test_train_on_a_held_out_source(sources_dir, tmp_path):
 
 def test_study_command_tabulates_every_result(smoke_runs, demo_dir, tmp_path):
     runs = tmp_path / "runs"
-    shutil.copytree(smoke_runs, runs)  # trained: the command reuses the runs and evaluates them again
+    shutil.copytree(smoke_runs, runs)  # trained and evaluated: the command reuses the runs and their evaluations, and combines them again
     res = cli("study", "--profile", "smoke", "--backbone", "efficientnet_lite0", "--data", str(demo_dir), "--runs", str(runs))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "on the lesion-grouped test split" in res.stdout and "is complete: reusing it" in res.stderr
+    assert res.stderr.count("reusing its evaluation") == 4  # Lite0, its weight average, Lite0 at 48 px, the CNN
     table = pd.read_csv(runs / "study_metrics.csv", index_col=0)
     assert {"smoke_ensemble", "paper_ensemble", "stacked"} <= set(table.index)
     assert {"balanced_accuracy", "macro_auc", "op_mel_recall", *(f"recall_{c}" for c in CLASSES)} <= set(table.columns)

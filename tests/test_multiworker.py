@@ -1,6 +1,6 @@
 """Training across worker processes: two real workers on 127.0.0.1 through
-``train --local-workers`` (MultiWorkerMirroredStrategy), against one process
-with the same global batch, and a worker killed mid-epoch then resumed."""
+``train --local-workers`` (MultiWorkerMirroredStrategy), one of them killed
+mid-epoch and the run resumed, against one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -38,17 +38,65 @@ def _weights(run: Path) -> list[np.ndarray]:
     return keras.models.load_model(run / "model.keras", safe_mode=True, compile=False).get_weights()
 
 
-def test_two_workers_train_like_one_with_the_same_global_batch(demo_dir, tmp_path):
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _kill_a_worker_mid_epoch(args: list[str], run: Path, epochs: int) -> subprocess.CompletedProcess:
+    """Launch ``train ARGS`` on two local workers, SIGKILL worker 1 once the chief has
+    begun its second epoch, and return the launcher's finished process."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    launcher = subprocess.Popen([sys.executable, "-m", "skin_lesion", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    pids = {}
+    try:
+        while len(pids) < 2:
+            line = launcher.stdout.readline()
+            assert line, launcher.stderr.read()[-3000:]
+            if m := re.match(r"worker (\d): pid (\d+)", line):
+                pids[int(m[1])] = int(m[2])
+        chief_log = run.parent / f"{run.name}.workers" / "worker0.log"
+        # Mid-epoch: the first epoch is in the run folder and Keras has begun the second.
+        _wait_for(lambda: (run / "history.csv").exists() and f"Epoch 2/{epochs}" in chief_log.read_text(), 300, "the second epoch")
+        os.kill(pids[1], signal.SIGKILL)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:  # the test failed part-way: stop the launcher and its workers
+            os.killpg(launcher.pid, signal.SIGKILL)
+    for pid in pids.values():  # no worker left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+
+
+def test_two_workers_killed_and_resumed_train_like_one_process(demo_dir, tmp_path):
+    """Two local workers with a per-worker batch of 8 against one process with a batch
+    of 16: worker 1 is killed in the second epoch, the launcher stops the other and says
+    how to resume, the resumed run finishes on two workers, and its weights are the one
+    process's. The second epoch starts a new phase (the backbone unfrozen), which
+    rebuilds its model from the first epoch's checkpoint in either run."""
     one, two = tmp_path / "one", tmp_path / "two"
     res = cli(*RUN, "--batch-size", "16", "--data", str(demo_dir), "--run", str(one))
     assert res.returncode == 0, res.stderr[-3000:]
-    res = cli(*RUN, "--batch-size", "8", "--local-workers", "2", "--data", str(demo_dir), "--run", str(two))
+    args = [*RUN, "--batch-size", "8", "--local-workers", "2", "--data", str(demo_dir), "--run", str(two)]
+    killed = _kill_a_worker_mid_epoch(args, two, epochs=2)
+    assert killed.returncode == 2, killed.stderr[-3000:]
+    assert "worker 1 of 2 stopped (killed by SIGKILL); the other workers were stopped" in killed.stderr
+    assert "--resume" in killed.stderr
+    assert pd.read_csv(two / "history.csv")["epoch"].tolist() == [0]
+    assert not (tmp_path / "two.workers" / "scratch").exists()  # the other worker's copy, removed by the launcher
+
+    res = cli(*[a for a in args if a != "--no-eval"], "--resume", "--tta", "2")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "MultiWorkerMirroredStrategy with 2 replica(s) on 2 workers" in res.stdout  # the chief's log, streamed
-
+    assert "balanced_accuracy" in res.stdout  # the launcher evaluated the finished run
     # The run folder is complete and holds each epoch once; the other worker's copy is gone.
-    assert {"config.json", "split.csv", "state.json", "history.csv", "model.keras", "manifest.json"} <= {p.name for p in two.iterdir()}
+    assert {"config.json", "split.csv", "state.json", "history.csv", "model.keras", "manifest.json", "metrics.json"} <= {p.name for p in two.iterdir()}
     assert pd.read_csv(two / "history.csv")["epoch"].tolist() == [0, 1]
+    assert json.loads((two / "state.json").read_text())["epochs_done"] == 2
     assert json.loads((two / "config.json").read_text())["run"] == str(two)
     assert not (tmp_path / "two.workers" / "scratch").exists()
     worker1 = (tmp_path / "two.workers" / "worker1.log").read_text()
@@ -61,50 +109,6 @@ def test_two_workers_train_like_one_with_the_same_global_batch(demo_dir, tmp_pat
     np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-5)
     # Equal here; a weight 1e-6 away could flip one validation image on another CPU.
     np.testing.assert_allclose(h1["val_balanced_accuracy"], h2["val_balanced_accuracy"], atol=0.05)
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def test_a_killed_worker_stops_the_run_and_resume_finishes_it(demo_dir, tmp_path):
-    run = tmp_path / "killed"
-    args = [*RUN, "--epochs", "3", "--batch-size", "8", "--local-workers", "2", "--data", str(demo_dir), "--run", str(run)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    launcher = subprocess.Popen([sys.executable, "-m", "skin_lesion", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    pids = {}
-    try:
-        while len(pids) < 2:
-            line = launcher.stdout.readline()
-            assert line, launcher.stderr.read()[-3000:]
-            if m := re.match(r"worker (\d): pid (\d+)", line):
-                pids[int(m[1])] = int(m[2])
-        chief_log = tmp_path / "killed.workers" / "worker0.log"
-        # Mid-epoch: the first epoch is in the run folder and Keras has begun the second.
-        _wait_for(lambda: (run / "history.csv").exists() and "Epoch 2/3" in chief_log.read_text(), 300, "the second epoch")
-        os.kill(pids[1], signal.SIGKILL)
-        out, err = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:  # the test failed part-way: stop the launcher and its workers
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode == 2
-    assert "worker 1 of 2 stopped (killed by SIGKILL); the other workers were stopped" in err
-    assert "--resume" in err
-    for pid in pids.values():  # no worker left behind
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0]
-    assert not (tmp_path / "killed.workers" / "scratch").exists()  # the other worker's copy, removed by the launcher
-
-    res = cli(*[a for a in args if a != "--no-eval"], "--resume", "--tta", "2")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1, 2]
-    assert json.loads((run / "state.json").read_text())["epochs_done"] == 3
-    assert "balanced_accuracy" in res.stdout  # the launcher evaluated the finished run
 
 
 def test_a_worker_that_fails_stops_the_launcher_with_its_error(tmp_path):
