@@ -8,6 +8,9 @@ them in the run's manifest.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -20,9 +23,9 @@ from skin_lesion import __version__
 from skin_lesion.bundle import file_sha256
 from skin_lesion.calibration import apply_temperature, decide, fit_temperature, mel_recall_at, mel_threshold, operating_point
 from skin_lesion.config import TrainConfig
-from skin_lesion.data import external_set, label_ids, load_dataset
+from skin_lesion.data import external_set, label_ids, load_dataset, resolve_data_dir
 from skin_lesion.inference import load_run_model, predict_probs, tta_views
-from skin_lesion.info import CLASSES, DataError
+from skin_lesion.info import CLASSES, METADATA_FILE, DataError
 from skin_lesion.metrics import classification_metrics, lesion_bootstrap
 from skin_lesion.refit import Refit, calibration_frames, refit_of, screen_scores
 from skin_lesion.runs import TEST, RunFolder, training_minutes
@@ -125,6 +128,9 @@ def evaluate_run(
     else:
         scored, name = meta[meta["split"] == "test"], TEST
     tta = tta_views(cfg.input_size, tta)
+    if name == TEST:  # recorded as read, before scoring; dropped until the new scores are all written
+        record = scoring_record(run, tta, target_mel_recall, mel_confidence)
+        RunFolder(run).drop_from_manifest(SCORED_FROM)
     refit = refit_of(run)
     if refit:
         val, p_val = refit_calibration(run, refit, model, cfg, meta, tta, extra, screen=name == TEST)
@@ -133,20 +139,47 @@ def evaluate_run(
     p_scored = predict_probs(model, scored, cfg.input_size, tta=tta)
     result = score_predictions(run, cfg, val, p_val, scored, p_scored, tta, target_mel_recall, name, mel_confidence, extra=extra)
     if name == TEST:
-        RunFolder(run).update_manifest(scored_from=scoring_record(run, tta, target_mel_recall, mel_confidence))
+        RunFolder(run).update_manifest(**{SCORED_FROM: record})
     return result
 
 
+# The manifest's record of what the test split's scores came from (``scoring_record``).
+SCORED_FROM = "scored_from"
+# The modules whose code decides a run's scores: a change to any of them scores the run again.
+SCORING_MODULES = ("evaluate", "metrics", "calibration", "inference", "pipeline", "pixels", "data", "splits", "refit")
+
+
+@functools.cache
+def scoring_code_sha256() -> str:
+    """SHA-256 of the source of ``SCORING_MODULES``: the scoring code, as it is in this process."""
+    digest = hashlib.sha256()
+    for name in SCORING_MODULES:
+        digest.update(Path(importlib.import_module(f"skin_lesion.{name}").__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    return file_sha256(path) if path.is_file() else None
+
+
 def scoring_record(run: str | os.PathLike, views: int, target_mel_recall: float, mel_confidence: float | None) -> dict:
-    """What a run's test-split evaluation is computed from, besides the data: the bytes of
-    its model file (and of a refit's source model, which scores its calibration set) and of
-    its split, the views, the operating point's settings and the package's version."""
+    """What a run's test-split evaluation is computed from: the bytes of its model file (and of a
+    refit's source model, which scores its calibration set) and of its split, the data folder
+    and its metadata file, the views, the operating point's settings, and the code that scores
+    (the package's scoring modules, TensorFlow's and Keras' versions). Images replaced under
+    the same names are not seen. A missing file records None."""
+    import keras
+    import tensorflow as tf
+
     folder = RunFolder(run)
-    record = dict(model_sha256=file_sha256(folder.model_file), split_sha256=file_sha256(folder.split_file), tta_views=views,
-                  target_mel_recall=target_mel_recall, mel_confidence=mel_confidence, skin_lesion=__version__)
+    root, _ = resolve_data_dir(folder.config().data)
+    record = dict(model_sha256=_sha256_or_none(folder.model_file), split_sha256=_sha256_or_none(folder.split_file),
+                  data=str(root.resolve()), metadata_sha256=_sha256_or_none(root / METADATA_FILE), tta_views=views,
+                  target_mel_recall=target_mel_recall, mel_confidence=mel_confidence,
+                  code=dict(skin_lesion=__version__, scoring_sha256=scoring_code_sha256(), tensorflow=tf.__version__, keras=keras.__version__))
     refit = refit_of(run)
     if refit:
-        record["source_model_sha256"] = file_sha256(RunFolder(refit.source).model_file)
+        record["source_model_sha256"] = _sha256_or_none(RunFolder(refit.source).model_file)
     return record
 
 
@@ -157,11 +190,15 @@ def current_evaluation(run: str | os.PathLike, tta: int = 8, target_mel_recall: 
     What lets the study (notebook 03, the ``study`` command) read back an evaluation
     instead of scoring every image again; ``evaluate`` always scores."""
     folder = RunFolder(run)
-    recorded = folder.manifest().get("scored_from")
-    if not recorded or not folder.metrics_file(TEST).exists() or not folder.has_model():
+    recorded = folder.manifest().get(SCORED_FROM)
+    written = (folder.metrics_file(TEST), folder.predictions_file(TEST), folder.predictions_file("val"), folder.model_file, folder.split_file)
+    if not recorded or not all(f.is_file() for f in written):
         return None
     views = tta_views(folder.config().input_size, tta)
-    return folder.metrics() if recorded == scoring_record(run, views, target_mel_recall, mel_confidence) else None
+    if recorded != scoring_record(run, views, target_mel_recall, mel_confidence):
+        return None
+    metrics = folder.metrics()
+    return metrics if metrics.get("tta_views") == views else None
 
 
 def refit_calibration(run, refit: Refit, model, cfg: TrainConfig, meta: pd.DataFrame, tta: int, extra: dict, screen: bool) -> tuple[pd.DataFrame, np.ndarray]:

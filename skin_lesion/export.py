@@ -44,10 +44,13 @@ RESIZE_RULE = {
 def litert_model(model: keras.Model, image_size: Size) -> bytes:
     """The model as a LiteRT flatbuffer with outputs (probabilities, last conv features), one image a call.
 
-    The converter reads one traced inference function; the module passed with it
-    holds the model's TensorFlow variables, which the converter folds in as
-    constants. (Writing a SavedModel first and converting that gives the same
-    outputs at about three times the cost: bench/export.py.)"""
+    The converter reads one traced inference function (``training=False``: an
+    augmentation layer inside the model passes images through); the module
+    passed with it holds the model's TensorFlow variables, which the converter
+    folds in as constants. (Writing a SavedModel with ``Model.export`` first
+    gave the same outputs at about three times the cost, bench/export.py, and
+    traces an in-model augmentation layer in training mode, which LiteRT cannot
+    convert.)"""
     features = model.get_layer(last_conv_layer(model)).output
     serving = keras.Model(model.inputs, [model.output, features], name=f"{model.name}_serving")
     holder = tf.Module()
@@ -55,6 +58,32 @@ def litert_model(model: keras.Model, image_size: Size) -> bytes:
     infer = tf.function(lambda image: serving(image, training=False), autograph=False,
                         input_signature=[tf.TensorSpec([1, *hw(image_size), 3], tf.float32, name="image")])
     return tf.lite.TFLiteConverter.from_concrete_functions([infer.get_concrete_function()], holder).convert()
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """``model`` when every layer computes in float32, else a float32 copy holding its weights.
+
+    A mixed-precision run (the gpu path) computes its convolutions in float16,
+    which LiteRT has no kernels for; its weights are float32 either way, so the
+    copy scores as the run does up to float16's rounding."""
+    config = model.get_config()
+    patched = _float32_policies(config)
+    if patched == config:
+        return model
+    copy = model.__class__.from_config(patched)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _float32_policies(config):
+    """A model config with every layer's dtype policy (``DTypePolicy`` entries, nested models included) set to float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {k: _float32_policies(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(v) for v in config]
+    return config
 
 
 def _head_weights(model: keras.Model) -> dict[str, np.ndarray]:
@@ -89,6 +118,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     entries = []
     for i, member in enumerate(members):
         model, cfg = load_run_model(member.path)
+        model = float32_model(model)
         tflite = out / f"member{i}.tflite"
         tflite.write_bytes(litert_model(model, cfg.input_size))
         np.savez(out / f"member{i}_head.npz", **_head_weights(model))

@@ -240,6 +240,12 @@ class RunFolder:
         self.write_json(self.manifest_file, manifest)
         return manifest
 
+    def drop_from_manifest(self, *keys: str) -> None:
+        """Remove ``keys`` from ``manifest.json``: a record that stops holding once a new write begins."""
+        manifest = self.manifest()
+        if any(k in manifest for k in keys):
+            self.write_json(self.manifest_file, {k: v for k, v in manifest.items() if k not in keys})
+
     def relative(self, other: str | os.PathLike | RunFolder) -> str:
         """``other``'s path as this folder's manifest stores it: relative to this folder,
         so a runs folder moved as a whole keeps its links."""

@@ -117,7 +117,7 @@ def study_tta(profile: str) -> int:
 
 
 def evaluate_study(runs: str | os.PathLike, profile: str) -> dict[str, dict]:
-    """Evaluate every run of the study and build its three combinations; returns
+    """Evaluate every run of the study (or read back its evaluation: ``_evaluation``) and build its three combinations; returns
     name -> metrics (as in each folder's metrics.json), in the order the report shows them.
 
     - ``{profile}_ensemble``, the study's model: the mean of every run, logit-adjusted;
@@ -139,11 +139,12 @@ def evaluate_study(runs: str | os.PathLike, profile: str) -> dict[str, dict]:
 
 
 def _evaluation(run: Path, tta: int) -> dict:
-    """A run's test-split metrics: read back when they were scored from its present model file
-    and split with these views (``evaluate.current_evaluation``), else scored now."""
+    """A run's test-split metrics: read back when they were scored from its present model file,
+    split and data, by the present scoring code, with these views (``evaluate.current_evaluation``),
+    else scored now."""
     metrics = current_evaluation(run, tta=tta)
     if metrics is not None:
-        log.info("Run %s: scored before from this model file with %d view(s): reusing its evaluation", run, metrics["tta_views"])
+        log.info("Run %s: scored before from this model file, split and data with %d view(s): reusing its evaluation", run, metrics["tta_views"])
         return metrics
     return evaluate_run(run, tta=tta).as_dict()
 

@@ -115,8 +115,10 @@ def test_the_study_reads_back_an_evaluation_only_while_what_it_came_from_is_unch
     (run / "split.csv").write_text(split)
     keras.models.load_model(run / "model.keras").save(run / "model.keras")  # the same weights, saved again
     assert current_evaluation(run, tta=2) is None
-    assert cli("evaluate", "--run", str(run), "--tta", "2").returncode == 0
-    assert current_evaluation(run, tta=2) == json.loads((run / "metrics.json").read_text())
+    assert cli("evaluate", "--run", str(run), "--tta", "1").returncode == 0  # scored again, with one view
+    assert current_evaluation(run, tta=2) is None and current_evaluation(run, tta=1) == json.loads((run / "metrics.json").read_text())
+    (run / "predictions_val.csv").unlink()  # what the study's combinations read
+    assert current_evaluation(run, tta=1) is None
 
 
 def test_an_absent_labelled_image_is_an_error_unless_skipped(run, labelled, tmp_path):

@@ -81,7 +81,7 @@ def test_two_workers_killed_and_resumed_train_like_one_process(demo_dir, tmp_pat
     one, two = tmp_path / "one", tmp_path / "two"
     res = cli(*RUN, "--batch-size", "16", "--data", str(demo_dir), "--run", str(one))
     assert res.returncode == 0, res.stderr[-3000:]
-    args = [*RUN, "--batch-size", "8", "--local-workers", "2", "--data", str(demo_dir), "--run", str(two)]
+    args = [*RUN, "--epochs", "2", "--batch-size", "8", "--local-workers", "2", "--data", str(demo_dir), "--run", str(two)]
     killed = _kill_a_worker_mid_epoch(args, two, epochs=2)
     assert killed.returncode == 2, killed.stderr[-3000:]
     assert "worker 1 of 2 stopped (killed by SIGKILL); the other workers were stopped" in killed.stderr
@@ -89,6 +89,8 @@ def test_two_workers_killed_and_resumed_train_like_one_process(demo_dir, tmp_pat
     assert pd.read_csv(two / "history.csv")["epoch"].tolist() == [0]
     assert not (tmp_path / "two.workers" / "scratch").exists()  # the other worker's copy, removed by the launcher
 
+    worker1_log = tmp_path / "two.workers" / "worker1.log"  # the launcher appends: what the resumed launch wrote starts here
+    resumed_from = len(worker1_log.read_text())
     res = cli(*[a for a in args if a != "--no-eval"], "--resume", "--tta", "2")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "MultiWorkerMirroredStrategy with 2 replica(s) on 2 workers" in res.stdout  # the chief's log, streamed
@@ -99,7 +101,7 @@ def test_two_workers_killed_and_resumed_train_like_one_process(demo_dir, tmp_pat
     assert json.loads((two / "state.json").read_text())["epochs_done"] == 2
     assert json.loads((two / "config.json").read_text())["run"] == str(two)
     assert not (tmp_path / "two.workers" / "scratch").exists()
-    worker1 = (tmp_path / "two.workers" / "worker1.log").read_text()
+    worker1 = worker1_log.read_text()[resumed_from:]
     assert "this is worker 1" in worker1 and re.search(r"Run \S*skin_lesion_worker1_\w+: efficientnet_lite0", worker1)  # into its scratch copy
 
     # Same data, same order, same updates: the weights agree up to summation order.

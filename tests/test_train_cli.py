@@ -28,10 +28,11 @@ SMOKE = ("train", "--profile", "smoke", "--tta", "2")
 @pytest.fixture(scope="module")
 def demo_run(demo_dir, tmp_path_factory) -> Path:
     """One smoke run of the CNN on the demo set, shared by the tests below; with
-    weight averaging, so it holds a second model in ``average/``. (The pretrained
-    backbone's runs are the smoke study's, which the bundle and report tests use.)"""
+    weight averaging, so it holds a second model in ``average/``, and the square-root
+    class mix, so it ends with a prior shift (which a resized copy must carry). (The
+    pretrained backbone's runs are the smoke study's, which the bundle and report tests use.)"""
     run = tmp_path_factory.mktemp("runs") / "cnn"
-    res = cli(*SMOKE, "--model", "cnn", "--average-last", "1", "--data", str(demo_dir), "--run", str(run))
+    res = cli(*SMOKE, "--model", "cnn", "--average-last", "1", "--imbalance", "sqrt", "--data", str(demo_dir), "--run", str(run))
     assert res.returncode == 0, res.stderr[-3000:]
     return run
 
@@ -138,6 +139,7 @@ def test_evaluate_at_another_input_size_writes_a_run_that_ensembles(demo_run, de
     # at the run's own size the copy is the same model: same outputs on a real JPEG
     same = resize_run(demo_run, 64, tmp_path / "at64")
     (a, _), (b, cfg) = load_run_model(demo_run), load_run_model(same)
+    assert [layer.name for layer in a.layers if "prior_shift" in layer.name] == [layer.name for layer in b.layers if "prior_shift" in layer.name] != []
     x = read_image(image, 64)[None]
     assert cfg.extra["resized_from"] == os.path.relpath(demo_run.resolve(), same.resolve())
     assert abs(a(x).numpy() - b(x).numpy()).max() < 1e-6
@@ -289,8 +291,10 @@ def test_the_gpu_code_path_runs_on_a_cpu(demo_dir, tmp_path):
     precision; augmentation as the model's first layer over several replicas
     (MirroredStrategy on two logical CPUs); XLA where Keras can compile the step
     (not with augmentation in the model; on one device, as XLA cannot reach
-    variables on another logical CPU)."""
+    variables on another logical CPU); and a mixed-precision run exports."""
     import keras
+
+    from skin_lesion.bundle import Bundle
 
     for augment_on, devices in (("model", "2"), ("pipeline", "1")):
         run = tmp_path / augment_on
@@ -304,6 +308,13 @@ def test_the_gpu_code_path_runs_on_a_cpu(demo_dir, tmp_path):
         if augment_on == "model":
             assert "MirroredStrategy with 2 replica(s)" in res.stderr
             assert model.get_layer("augment").strength == 1.0
+            # it exports: LiteRT has no float16 convolutions, so the bundle's file computes in float32
+            assert cli("evaluate", "--run", str(run), "--tta", "1").returncode == 0
+            res = cli("export", "--run", str(run), "--out", str(tmp_path / "bundle"))
+            assert res.returncode == 0, res.stderr[-3000:]
+            images = sorted((demo_dir / "images").iterdir())[:8]
+            bundle, keras_path = Bundle(tmp_path / "bundle"), Predictor(run)
+            np.testing.assert_allclose([bundle.probs_file(p) for p in images], [keras_path.probs_file(p) for p in images], atol=1e-2)
 
 
 @pytest.mark.parametrize(
