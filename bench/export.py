@@ -7,6 +7,9 @@ that. This trains a smoke EfficientNet-Lite0 run on a fresh synthetic demo
 set at 64 px or at ``--image-size`` (or takes ``--run``), converts its model
 both ways, and prints the seconds of each and the largest difference between
 the two files' outputs on random images, through the signature a bundle calls.
+(A run with its augmentation inside the model converts only the first way:
+``Model.export`` traces the augmentation in training mode, and LiteRT has no
+kernels for its random ops.)
 
     python bench/export.py [--run RUN | --image-size 224] [--images 20]
 """
