@@ -33,6 +33,11 @@ from skin_lesion.splits import with_split
 
 log = logging.getLogger("skin_lesion")
 
+# The manifest's record of what the test split's scores came from (``scoring_record``).
+SCORED_FROM = "scored_from"
+# The modules whose code decides a run's scores: a change to any of them scores the run again.
+SCORING_MODULES = ("evaluate", "metrics", "calibration", "inference", "pipeline", "pixels", "data", "splits", "refit")
+
 
 @dataclass
 class Evaluation:
@@ -141,12 +146,6 @@ def evaluate_run(
     if name == TEST:
         RunFolder(run).update_manifest(**{SCORED_FROM: record})
     return result
-
-
-# The manifest's record of what the test split's scores came from (``scoring_record``).
-SCORED_FROM = "scored_from"
-# The modules whose code decides a run's scores: a change to any of them scores the run again.
-SCORING_MODULES = ("evaluate", "metrics", "calibration", "inference", "pipeline", "pixels", "data", "splits", "refit")
 
 
 @functools.cache
