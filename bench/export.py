@@ -28,20 +28,17 @@ from ai_edge_litert.interpreter import Interpreter
 
 from skin_lesion.config import TrainConfig
 from skin_lesion.demo import make_demo
-from skin_lesion.export import litert_model
+from skin_lesion.export import litert_model, serving_model
 from skin_lesion.inference import load_run_model
-from skin_lesion.models import last_conv_layer
 from skin_lesion.pixels import hw
 from skin_lesion.train import train
 
 
 def through_saved_model(model: keras.Model, image_size) -> bytes:
     """The same flatbuffer by way of a SavedModel written by ``Model.export``."""
-    features = model.get_layer(last_conv_layer(model)).output
-    serving = keras.Model(model.inputs, [model.output, features], name=f"{model.name}_serving")
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "saved_model"
-        serving.export(str(saved), format="tf_saved_model", input_signature=[tf.TensorSpec([1, *hw(image_size), 3], tf.float32, name="image")], verbose=False)
+        serving_model(model).export(str(saved), format="tf_saved_model", input_signature=[tf.TensorSpec([1, *hw(image_size), 3], tf.float32, name="image")], verbose=False)
         return tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
 
 

@@ -134,7 +134,7 @@ def evaluate_run(
         scored, name = meta[meta["split"] == "test"], TEST
     tta = tta_views(cfg.input_size, tta)
     if name == TEST:  # recorded as read, before scoring; dropped until the new scores are all written
-        record = scoring_record(run, tta, target_mel_recall, mel_confidence)
+        record = scoring_record(run, cfg, tta, target_mel_recall, mel_confidence)
         RunFolder(run).drop_from_manifest(SCORED_FROM)
     refit = refit_of(run)
     if refit:
@@ -161,7 +161,7 @@ def _sha256_or_none(path: Path) -> str | None:
     return file_sha256(path) if path.is_file() else None
 
 
-def scoring_record(run: str | os.PathLike, views: int, target_mel_recall: float, mel_confidence: float | None) -> dict:
+def scoring_record(run: str | os.PathLike, cfg: TrainConfig, views: int, target_mel_recall: float, mel_confidence: float | None) -> dict:
     """What a run's test-split evaluation is computed from: the bytes of its model file (and of a
     refit's source model, which scores its calibration set) and of its split, the data folder
     and its metadata file, the views, the operating point's settings, and the code that scores
@@ -171,7 +171,7 @@ def scoring_record(run: str | os.PathLike, views: int, target_mel_recall: float,
     import tensorflow as tf
 
     folder = RunFolder(run)
-    root, _ = resolve_data_dir(folder.config().data)
+    root, _ = resolve_data_dir(cfg.data)
     record = dict(model_sha256=_sha256_or_none(folder.model_file), split_sha256=_sha256_or_none(folder.split_file),
                   data=str(root.resolve()), metadata_sha256=_sha256_or_none(root / METADATA_FILE), tta_views=views,
                   target_mel_recall=target_mel_recall, mel_confidence=mel_confidence,
@@ -190,14 +190,12 @@ def current_evaluation(run: str | os.PathLike, tta: int = 8, target_mel_recall: 
     instead of scoring every image again; ``evaluate`` always scores."""
     folder = RunFolder(run)
     recorded = folder.manifest().get(SCORED_FROM)
-    written = (folder.metrics_file(TEST), folder.predictions_file(TEST), folder.predictions_file("val"), folder.model_file, folder.split_file)
+    written = (folder.metrics_file(TEST), folder.predictions_file(TEST), folder.predictions_file("val"))
     if not recorded or not all(f.is_file() for f in written):
         return None
-    views = tta_views(folder.config().input_size, tta)
-    if recorded != scoring_record(run, views, target_mel_recall, mel_confidence):
-        return None
-    metrics = folder.metrics()
-    return metrics if metrics.get("tta_views") == views else None
+    cfg = folder.config()
+    current = scoring_record(run, cfg, tta_views(cfg.input_size, tta), target_mel_recall, mel_confidence)
+    return folder.metrics() if recorded == current else None
 
 
 def refit_calibration(run, refit: Refit, model, cfg: TrainConfig, meta: pd.DataFrame, tta: int, extra: dict, screen: bool) -> tuple[pd.DataFrame, np.ndarray]:

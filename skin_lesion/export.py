@@ -50,14 +50,19 @@ def litert_model(model: keras.Model, image_size: Size) -> bytes:
     folds in as constants. (Writing a SavedModel with ``Model.export`` first
     gave the same outputs at about three times the cost, bench/export.py, and
     traces an in-model augmentation layer in training mode, which LiteRT cannot
-    convert.)"""
-    features = model.get_layer(last_conv_layer(model)).output
-    serving = keras.Model(model.inputs, [model.output, features], name=f"{model.name}_serving")
+    convert.) A mixed-precision model is converted as its float32 copy (``float32_model``)."""
+    serving = serving_model(float32_model(model))
     holder = tf.Module()
     holder.tf_variables = [w.value for w in serving.weights]  # the tf.Variables behind Keras 3's own variable objects
     infer = tf.function(lambda image: serving(image, training=False), autograph=False,
                         input_signature=[tf.TensorSpec([1, *hw(image_size), 3], tf.float32, name="image")])
     return tf.lite.TFLiteConverter.from_concrete_functions([infer.get_concrete_function()], holder).convert()
+
+
+def serving_model(model: keras.Model) -> keras.Model:
+    """``model`` with a second output, its last convolution's feature maps (for heatmaps): what a bundle's file computes."""
+    features = model.get_layer(last_conv_layer(model)).output
+    return keras.Model(model.inputs, [model.output, features], name=f"{model.name}_serving")
 
 
 def float32_model(model: keras.Model) -> keras.Model:
@@ -118,7 +123,6 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     entries = []
     for i, member in enumerate(members):
         model, cfg = load_run_model(member.path)
-        model = float32_model(model)
         tflite = out / f"member{i}.tflite"
         tflite.write_bytes(litert_model(model, cfg.input_size))
         np.savez(out / f"member{i}_head.npz", **_head_weights(model))
