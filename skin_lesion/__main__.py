@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--unfreeze-from", dest="unfreeze_from", help="first backbone layer to fine-tune ('all' for everything)")
     t.add_argument("--average-last", dest="average_last", type=int, help="also save the mean of the weights after the last N fine-tuning epochs, as the run RUN/average (0 = off)")
     t.add_argument("--label-smoothing", dest="label_smoothing", type=float, help="smooth the training targets by EPS: (1 - EPS) one-hot + EPS / 7 (default 0 = off)")
+    t.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="MixUp: blend each training image and its label with another's by a Beta(ALPHA, ALPHA) weight (default 0 = off)")
     t.add_argument("--max-per-class", dest="max_per_class", type=int)
     t.add_argument("--folds", type=int, help="k-fold cross-validation (all folds unless --fold)")
     t.add_argument("--fold", type=int)

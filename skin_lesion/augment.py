@@ -111,3 +111,28 @@ class LesionAugment(keras.layers.Layer):
 def make_augmenter(strength: float = 1.0, seed: int = 0, colour: float = 1.0) -> LesionAugment:
     """The training augmentation (see :class:`LesionAugment`); ``colour`` scales its colour jitter."""
     return LesionAugment(strength, seed=seed, colour=colour, name="augment")
+
+
+# Keys of MixUp's two draws within a batch's stream (LesionAugment folds in 1, 2, ...).
+_MIX_DRAWS = (1_000_001, 1_000_002)
+
+
+def mixup_batch(images: tf.Tensor, labels: tf.Tensor, alpha: float, batch_seed: tf.Tensor, n_classes: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """MixUp (Zhang et al., 2018) on one training batch: each image blended with the
+    batch's image in reversed order, by a weight drawn from Beta(``alpha``, ``alpha``)
+    for that image, and its label likewise (one-hot mixed into soft targets).
+
+    A regulariser for a model that fits its training images far better than
+    validation ones: a blend of two lesions has no confident answer. The draws are
+    keyed by ``batch_seed`` (as in ``LesionAugment``), so a pipeline's blends depend
+    on the batch's position in the stream only. Returns float32 images in [0, 255]
+    and float32 targets of shape (batch, ``n_classes``) that sum to 1.
+    """
+    images = tf.cast(images, tf.float32)
+    n = tf.shape(images)[0]
+    g1, g2 = (tf.random.stateless_gamma((n,), tf.random.experimental.stateless_fold_in(batch_seed, k), alpha) for k in _MIX_DRAWS)
+    lam = tf.math.divide_no_nan(g1, g1 + g2)  # Beta(alpha, alpha); both draws 0 (tiny alpha) keeps the partner
+    onehot = tf.one_hot(tf.cast(tf.reshape(labels, (-1,)), tf.int32), n_classes)
+    mixed = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * tf.reverse(images, [0])
+    targets = lam[:, None] * onehot + (1 - lam[:, None]) * tf.reverse(onehot, [0])
+    return mixed, targets

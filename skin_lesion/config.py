@@ -120,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     average_last: int | None = None  # >0: also save the mean of the weights after the last N fine-tuning epochs, in average/
     label_smoothing: float = 0.0  # >0: train against (1 - eps) one-hot + eps / classes (losses.SmoothedSparseCrossentropy)
+    mixup: float = 0.0  # >0: MixUp, each training image and label blended with another by a Beta(mixup, mixup) weight (augment.mixup_batch)
     devices: int = 0  # >1: split the CPU into logical devices (tests MirroredStrategy)
     gpu_path: bool | None = None  # mixed precision and XLA; None: when a GPU is present (True reaches that code on a CPU)
     extra: dict = field(default_factory=dict)
@@ -144,6 +145,8 @@ class TrainConfig:
             raise DataError(f"unknown colour_constancy {out.colour_constancy!r}; choose one of {', '.join(COLOUR_CONSTANCY)}")
         if not 0 <= out.colour_augment <= MAX_COLOUR_AUGMENT:
             raise DataError(f"colour_augment must be in [0, {MAX_COLOUR_AUGMENT:g}], got {out.colour_augment}")
+        if out.mixup < 0:
+            raise DataError(f"mixup must be 0 (off) or a positive Beta parameter, got {out.mixup}")
         if out.imbalance not in IMBALANCE_METHODS:
             raise DataError(f"unknown imbalance method {out.imbalance!r}; choose one of {', '.join(IMBALANCE_METHODS)}")
         out.unfreeze_from = out.unfreeze_from or UNFREEZE_FROM[out.model]

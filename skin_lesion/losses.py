@@ -1,4 +1,4 @@
-"""The training loss: sparse cross-entropy, optionally against smoothed targets."""
+"""The training loss: sparse cross-entropy, optionally against smoothed targets; categorical for MixUp's soft targets."""
 
 from __future__ import annotations
 
@@ -31,8 +31,13 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
-def make_loss(label_smoothing: float = 0.0) -> str | keras.losses.Loss:
-    """The training loss: plain sparse cross-entropy, or its smoothed form for ``label_smoothing`` > 0."""
-    if check_label_smoothing(label_smoothing):
+def make_loss(label_smoothing: float = 0.0, soft_targets: bool = False) -> str | keras.losses.Loss:
+    """The training loss: plain sparse cross-entropy, or its smoothed form for ``label_smoothing`` > 0;
+    with ``soft_targets`` (MixUp's blended labels, one row of class weights per image) categorical
+    cross-entropy, smoothed likewise."""
+    check_label_smoothing(label_smoothing)
+    if soft_targets:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    if label_smoothing:
         return SmoothedSparseCrossentropy(label_smoothing)
     return "sparse_categorical_crossentropy"

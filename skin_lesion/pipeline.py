@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from skin_lesion.augment import make_augmenter
+from skin_lesion.augment import make_augmenter, mixup_batch
 from skin_lesion.config import IMBALANCE_METHODS
 from skin_lesion.data import label_ids
 from skin_lesion.info import CLASSES, DataError, ImageError
@@ -121,6 +121,7 @@ def make_pipeline(
     cache: str | bool = True,
     seed: int = 0,
     colour_augment: float = 1.0,
+    mixup: float = 0.0,
 ) -> Pipeline:
     """Build the pipeline for rows of ``frame`` (columns ``path``, ``dx``).
 
@@ -133,6 +134,8 @@ def make_pipeline(
     pipelines keep the row order and are deterministic; training pipelines
     give the same batches for the same ``seed``, however busy the machine.
     ``colour_augment`` scales the augmentation's colour jitter (``augment.LesionAugment``).
+    ``mixup`` > 0 blends each training batch's images and labels (``augment.mixup_batch``,
+    Beta(``mixup``, ``mixup``) weights): its labels are then soft targets of shape (batch, 7).
     """
     if imbalance not in IMBALANCE_METHODS:
         raise DataError(f"unknown imbalance method {imbalance!r}; choose one of {', '.join(IMBALANCE_METHODS)}")
@@ -169,6 +172,11 @@ def make_pipeline(
         # still reshuffles from state the first advanced; train builds one per phase.)
         ds = ds.enumerate().map(
             lambda i, xy: (aug(xy[0], training=True, batch_seed=tf.stack([tf.constant(seed, tf.int64), i])), xy[1]),
+            num_parallel_calls=AUTOTUNE,
+        )
+    if training and mixup > 0:  # after augmentation: each image is transformed on its own, then blended
+        ds = ds.enumerate().map(
+            lambda i, xy: mixup_batch(xy[0], xy[1], float(mixup), tf.stack([tf.constant(seed, tf.int64), i]), len(CLASSES)),
             num_parallel_calls=AUTOTUNE,
         )
     return Pipeline(ds.prefetch(AUTOTUNE), steps, weights)

@@ -38,17 +38,18 @@ log = logging.getLogger("skin_lesion")
 PHASE_SEED_STRIDE = 1000  # phase k trains on the pipeline seeded cfg.seed + 1000 k (see train)
 
 
-def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0, xla: bool = False) -> None:
-    """Adam + (optionally smoothed) sparse cross-entropy + accuracy; with ``xla``
+def compile_model(model: keras.Model, lr: float, label_smoothing: float = 0.0, xla: bool = False, soft_targets: bool = False) -> None:
+    """Adam + (optionally smoothed) sparse cross-entropy + accuracy (categorical for
+    ``soft_targets``: MixUp's blended labels); with ``xla``
     (the GPU path on one replica: Keras' "auto" leaves XLA off under a
     distribution strategy too), the train step compiled by XLA when every
     layer supports it, as "auto" decides on a GPU (on a CPU "auto" means off):
     not with augmentation inside the model, whose random layers XLA cannot compile."""
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
-        loss=make_loss(label_smoothing),
+        loss=make_loss(label_smoothing, soft_targets),
         # An object rather than "accuracy": its counters exist now, not first in fit's trace.
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        metrics=[(keras.metrics.CategoricalAccuracy if soft_targets else keras.metrics.SparseCategoricalAccuracy)(name="accuracy")],
         jit_compile=xla and all(layer.supports_jit for layer in model._flatten_layers()),
     )
     # The optimizer's slots made now too: a train step whose first trace creates
@@ -174,7 +175,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
         # timing), so a second iterator over one dataset would not reproduce.
         train_pipe = make_pipeline(
             parts["train"], size, batch, training=True, imbalance=cfg.imbalance, augment=in_pipeline, seed=cfg.seed + PHASE_SEED_STRIDE * k,
-            colour_augment=cfg.colour_augment,
+            colour_augment=cfg.colour_augment, mixup=cfg.mixup,
         )
         dataset = shard_by_data(train_pipe.dataset) if workers > 1 else train_pipe.dataset
         with strategy.scope():
@@ -184,7 +185,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
             else:
                 model = _phase_model(cfg, run, prior, training_steps=train_pipe.steps * cfg.epochs)
                 set_backbone_trainable(model, phase.unfreeze_from, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
-                compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path and strategy.num_replicas_in_sync == 1)
+                compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path and strategy.num_replicas_in_sync == 1, soft_targets=cfg.mixup > 0)
         model = prepare_model(model, strategy)
         schedule = f" (a refit: it stops at its source's kept epoch, on a schedule to epoch {phase.end})" if end < phase.end else ""
         log.info("Phase %s: epochs %d-%d%s, lr %.2g, %d trainable weights", phase.name, phase.start + 1, end, schedule, phase.lr, len(model.trainable_weights))

@@ -85,17 +85,19 @@ def test_a_colour_constant_run_trains_exports_and_the_bundle_agrees(demo_dir, le
     """Through the command line as a user runs it: the options reach the run's
     config and model, and the exported LiteRT bundle (no TensorFlow) scores real
     images as the Keras run does, the colour step included and the augmentation
-    inside the model (``--augment-on model``) passing images through."""
+    inside the model (``--augment-on model``) passing images through. MixUp rides
+    along: its blends of uint8 frames reach the in-model augmentation as float32."""
     from skin_lesion.bundle import Bundle
     from skin_lesion.inference import Predictor
 
     run = tmp_path / "sog"
     res = cli("train", "--profile", "smoke", "--tta", "2", "--model", "cnn", "--epochs", "1", "--colour-constancy", "shades_of_gray",
-              "--colour-augment", "2", "--augment-on", "model", "--data", str(demo_dir), "--run", str(run))
+              "--colour-augment", "2", "--augment-on", "model", "--mixup", "0.4", "--data", str(demo_dir), "--run", str(run))
     assert res.returncode == 0, res.stderr[-3000:]
     config = json.loads((run / "config.json").read_text())
-    assert (config["colour_constancy"], config["colour_augment"]) == ("shades_of_gray", 2.0)
+    assert (config["colour_constancy"], config["colour_augment"], config["mixup"]) == ("shades_of_gray", 2.0, 0.4)
     model = keras.models.load_model(run / "model.keras")
+    assert type(model.loss).__name__ == "CategoricalCrossentropy"  # MixUp's soft targets (blended before the in-model augmentation)
     # the augmentation inside the model: the bundle's file carries it, switched off
     assert model.get_layer("colour_constancy") is not None and model.get_layer("augment").colour == 2.0
     res = cli("export", "--run", str(run), "--out", str(tmp_path / "bundle"))

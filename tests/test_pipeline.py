@@ -59,6 +59,34 @@ def test_augmented_training_batches_do_not_depend_on_thread_timing(meta):
     assert not np.allclose(batches(build(seed=4), 1)[0], first[0])  # and with the seed
 
 
+def test_mixup_blends_pairs_of_images_and_their_labels_reproducibly(meta):
+    """MixUp after augmentation: each image is a weighted blend of itself and the batch's
+    image in reversed order, and its soft target blends their one-hot labels by the same
+    weight; the weights are drawn per image and repeat for the same seed."""
+    frame = meta.head(64)
+
+    def first_batch(mixup, seed=2):
+        x, y = next(iter(make_pipeline(frame, (32, 32), 16, training=True, imbalance="oversample", augment=False, seed=seed, mixup=mixup).dataset))
+        return x.numpy(), y.numpy()
+
+    plain, labels = first_batch(0.0)
+    mixed, targets = first_batch(0.4)
+    assert labels.shape == (16,) and targets.shape == (16, len(CLASSES)) and mixed.dtype == np.float32
+    np.testing.assert_allclose(targets.sum(1), 1, rtol=1e-6)
+    onehot = np.eye(len(CLASSES))[labels]
+    partner = slice(None, None, -1)
+    weights = []
+    for i in np.flatnonzero(labels != labels[partner]):  # a blend of two classes tells its weight
+        lam = targets[i, labels[i]]
+        np.testing.assert_allclose(targets[i], lam * onehot[i] + (1 - lam) * onehot[partner][i], atol=1e-6)
+        np.testing.assert_allclose(mixed[i], lam * plain[i] + (1 - lam) * plain[partner][i], atol=1e-3)
+        weights.append(lam)
+    assert len(weights) >= 4 and np.ptp(weights) > 0.1  # drawn per image, not one weight for all
+    again, again_targets = first_batch(0.4)
+    assert np.array_equal(again, mixed) and np.array_equal(again_targets, targets)
+    assert not np.array_equal(first_batch(0.4, seed=3)[1], targets)
+
+
 def test_augmentation_inside_a_model_trains_randomly_and_predicts_deterministically(meta):
     """augment_on=model: the layer is active in the train step only, and tells Keras
     it cannot be XLA-compiled (so jit_compile="auto" falls back on a GPU)."""

@@ -68,20 +68,21 @@ def test_smoothed_loss_is_cross_entropy_against_smoothed_targets():
 
 def test_one_validation_pass_gives_what_evaluate_gives():
     """``fit`` runs without ``validation_data``; the callback's single pass must
-    report the loss and accuracy Keras' own pass would have, for either loss
+    report the loss and accuracy Keras' own pass would have, for each loss (MixUp's categorical one too)
     (for a model this unsure the probabilities' clipping changes nothing)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 3)).astype("float32")
     labels = rng.integers(0, 2, size=40)
     val = tf.data.Dataset.from_tensor_slices(x).batch(16)  # a ragged last batch, as validation has
-    for smoothing in (0.0, 0.1):
+    for smoothing, soft in ((0.0, False), (0.1, False), (0.1, True)):  # soft: MixUp's categorical loss
         model = _tiny_model()
-        compile_model(model, 1e-3, smoothing)
+        compile_model(model, 1e-3, smoothing, soft_targets=soft)
         logs = {}
         callback = BalancedAccuracy(val, labels)
         callback.set_model(model)
         callback.on_epoch_end(0, logs)
-        loss, accuracy = model.evaluate(tf.data.Dataset.from_tensor_slices((x, labels)).batch(16), verbose=0)
+        targets = np.eye(2, dtype="float32")[labels] if soft else labels
+        loss, accuracy = model.evaluate(tf.data.Dataset.from_tensor_slices((x, targets)).batch(16), verbose=0)
         np.testing.assert_allclose(logs["val_loss"], loss, rtol=1e-5)
         np.testing.assert_allclose(logs["val_accuracy"], accuracy, rtol=1e-6)
         pred = model.predict(x, verbose=0).argmax(1)
