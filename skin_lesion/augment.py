@@ -1,8 +1,9 @@
-"""The training augmentation: one Keras layer for geometry and colour.
+"""The training augmentation: one Keras layer for geometry and colour, and MixUp.
 
-It runs in tf.data on the CPU (``pipeline.make_pipeline``) or as a model's
-first layer on the accelerator (``augment_on="model"``); the same draws
-either way, built on ``keras.ops`` and ``keras.random``.
+The layer runs in tf.data on the CPU (``pipeline.make_pipeline``) or as a
+model's first layer on the accelerator (``augment_on="model"``); the same
+draws either way, built on ``keras.ops`` and ``keras.random``. MixUp
+(``mixup_batch``) blends whole batches and their labels, in tf.data only.
 """
 
 from __future__ import annotations

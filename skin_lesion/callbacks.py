@@ -61,7 +61,7 @@ def validation_scores(model: keras.Model, dataset: tf.data.Dataset, labels: np.n
     probs = predict_probs(model, dataset)
     pred = probs.argmax(1)
     loss = model.loss if isinstance(model.loss, keras.losses.Loss) else keras.losses.get(model.loss)
-    # A MixUp run's loss takes a row of class weights per image: the labels as one-hot rows.
+    # A MixUp run's loss takes a row of target probabilities per image: the labels as one-hot rows.
     targets = np.eye(probs.shape[1], dtype="float32")[labels] if isinstance(loss, keras.losses.CategoricalCrossentropy) else labels
     return {
         "val_loss": float(keras.ops.convert_to_numpy(keras.ops.mean(loss(targets, probs)))),

@@ -13,6 +13,7 @@ docs/benchmarks.md): ``smoke`` trains a few images per class for two epochs
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -145,8 +146,11 @@ class TrainConfig:
             raise DataError(f"unknown colour_constancy {out.colour_constancy!r}; choose one of {', '.join(COLOUR_CONSTANCY)}")
         if not 0 <= out.colour_augment <= MAX_COLOUR_AUGMENT:
             raise DataError(f"colour_augment must be in [0, {MAX_COLOUR_AUGMENT:g}], got {out.colour_augment}")
-        if out.mixup < 0:
+        if not math.isfinite(out.mixup) or out.mixup < 0:
             raise DataError(f"mixup must be 0 (off) or a positive Beta parameter, got {out.mixup}")
+        if out.mixup > 0 and out.imbalance == "class_weight":
+            # Keras weighs a soft target by its larger class alone: a blend would carry one class's weight.
+            raise DataError("mixup does not combine with imbalance class_weight; choose oversample or sqrt for a MixUp run")
         if out.imbalance not in IMBALANCE_METHODS:
             raise DataError(f"unknown imbalance method {out.imbalance!r}; choose one of {', '.join(IMBALANCE_METHODS)}")
         out.unfreeze_from = out.unfreeze_from or UNFREEZE_FROM[out.model]

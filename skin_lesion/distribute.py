@@ -65,21 +65,24 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode()
 
 
-def prepare_model(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Model:
+def prepare_model(model: keras.Model, strategy: tf.distribute.Strategy, labels: tf.TensorSpec | None = None) -> keras.Model:
     """Make ``model.fit`` run under a multi-worker ``strategy`` (else return it unchanged).
 
-    Before its first step ``fit`` builds the compiled metrics from a first
-    batch that it averages across replicas, which this strategy refuses (and
-    which would consume that batch); the metrics are built from one zero image
-    of the input's shape instead. ``multi_worker_fit`` handles the per-step logs.
+    Before its first step ``fit`` builds the compiled loss and metrics from a
+    first batch that it averages across replicas, which this strategy refuses
+    (and which would consume that batch); they are built from one zero image of
+    the input's shape and one zero label of the training data's ``labels`` spec
+    instead (class ids, or MixUp's rows of target probabilities; class ids when
+    not given). ``multi_worker_fit`` handles the per-step logs.
     """
     if not is_multi_worker(strategy):
         return model
     multi_worker_fit()
+    label_shape, label_dtype = ((1, *labels.shape[1:]), labels.dtype) if labels is not None else ((1,), tf.int32)
 
     def build_from_shapes(iterator=None, data_batch=None):
         with strategy.scope():
-            model._symbolic_build(data_batch=(tf.zeros((1, *model.input_shape[1:])), tf.zeros((1,), tf.int32)))
+            model._symbolic_build(data_batch=(tf.zeros((1, *model.input_shape[1:])), tf.zeros(label_shape, label_dtype)))
 
     model._maybe_symbolic_build = build_from_shapes
     return model

@@ -33,7 +33,7 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
 
 def make_loss(label_smoothing: float = 0.0, soft_targets: bool = False) -> str | keras.losses.Loss:
     """The training loss: plain sparse cross-entropy, or its smoothed form for ``label_smoothing`` > 0;
-    with ``soft_targets`` (MixUp's blended labels, one row of class weights per image) categorical
+    with ``soft_targets`` (MixUp's blended labels, a row of target probabilities per image) categorical
     cross-entropy, smoothed likewise."""
     check_label_smoothing(label_smoothing)
     if soft_targets:

@@ -9,7 +9,7 @@ deterministic and costly, so they run once in parallel and are cached;
 augmentation is random, so it runs after the cache on every epoch, batched --
 in tf.data (``augment`` here) or inside the model on the accelerator
 (``augment_on="model"`` in training). Pixels leave the pipeline as uint8 in
-[0, 255] (float32 after tf.data augmentation): each model casts and scales its
+[0, 255] (float32 after tf.data augmentation or MixUp): each model casts and scales its
 own input, so one pipeline serves every model and a GPU receives a quarter of
 the bytes.
 """

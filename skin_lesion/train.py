@@ -186,7 +186,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
                 model = _phase_model(cfg, run, prior, training_steps=train_pipe.steps * cfg.epochs)
                 set_backbone_trainable(model, phase.unfreeze_from, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
                 compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path and strategy.num_replicas_in_sync == 1, soft_targets=cfg.mixup > 0)
-        model = prepare_model(model, strategy)
+        model = prepare_model(model, strategy, train_pipe.dataset.element_spec[1])
         schedule = f" (a refit: it stops at its source's kept epoch, on a schedule to epoch {phase.end})" if end < phase.end else ""
         log.info("Phase %s: epochs %d-%d%s, lr %.2g, %d trainable weights", phase.name, phase.start + 1, end, schedule, phase.lr, len(model.trainable_weights))
         averaging = cfg.average_last > 0 and phase.end == cfg.epochs

@@ -23,8 +23,10 @@ from skin_lesion.info import UserError
 from skin_lesion.workers import WorkerFailed, cluster_config, free_ports, launch_local_workers, tf_config
 
 # Lite0 at 64 px on a few images per class; no dropout, whose masks each worker
-# draws on its own (a single process draws one mask for the whole batch).
-RUN = ("train", "--profile", "smoke", "--model", "efficientnet_lite0", "--dropout", "0", "--no-eval")
+# draws on its own (a single process draws one mask for the whole batch). MixUp
+# rides along: it blends the global batch before the workers split it, and its
+# soft targets must reach each worker's compiled loss.
+RUN = ("train", "--profile", "smoke", "--model", "efficientnet_lite0", "--dropout", "0", "--mixup", "0.4", "--no-eval")
 # Largest difference allowed between the weights of one worker and of two after two
 # epochs: the same sums added in another order (measured 1.4e-6).
 WEIGHT_TOLERANCE = 1e-4

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from skin_lesion import data
+from skin_lesion.augment import mixup_batch
 from skin_lesion.data import label_ids
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.pipeline import class_weights, load_images, make_pipeline, sampling_prior, undersample
@@ -49,8 +51,8 @@ def test_augmented_training_batches_do_not_depend_on_thread_timing(meta):
     def batches(pipe, n=80):
         return [x.numpy() for x, _ in pipe.dataset.take(n)]  # a fast consumer: the map runs as far ahead as it may
 
-    def build(seed=3):
-        return make_pipeline(frame, (48, 48), 4, training=True, imbalance="oversample", augment=1.0, seed=seed)
+    def build(seed=3):  # MixUp rides along: its blends are keyed the same way
+        return make_pipeline(frame, (48, 48), 4, training=True, imbalance="oversample", augment=1.0, seed=seed, mixup=0.4)
 
     for _ in range(3):
         first, second = batches(build()), batches(build())
@@ -84,7 +86,14 @@ def test_mixup_blends_pairs_of_images_and_their_labels_reproducibly(meta):
     assert len(weights) >= 4 and np.ptp(weights) > 0.1  # drawn per image, not one weight for all
     again, again_targets = first_batch(0.4)
     assert np.array_equal(again, mixed) and np.array_equal(again_targets, targets)
-    assert not np.array_equal(first_batch(0.4, seed=3)[1], targets)
+    # The weights follow the pipeline's seed and the batch's position, and only them.
+    images, ids = tf.zeros((8, 4, 4, 3), tf.uint8), tf.range(8) % len(CLASSES)
+
+    def weights_for(seed, position):
+        return mixup_batch(images, ids, 0.4, tf.constant([seed, position], tf.int64), len(CLASSES))[1].numpy()
+
+    assert np.array_equal(weights_for(2, 0), weights_for(2, 0))
+    assert not np.array_equal(weights_for(2, 0), weights_for(2, 1)) and not np.array_equal(weights_for(2, 0), weights_for(3, 0))
 
 
 def test_augmentation_inside_a_model_trains_randomly_and_predicts_deterministically(meta):

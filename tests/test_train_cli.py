@@ -328,6 +328,8 @@ def test_the_gpu_code_path_runs_on_a_cpu(demo_dir, tmp_path):
         (("train", "--data", "{tmp}/no-such-folder", "--run", "{tmp}/r"), "data folder not found"),
         (("train", "--label-smoothing", "1.5", "--run", "{tmp}/r"), "label_smoothing must be in [0, 1)"),
         (("train", "--mixup", "-1", "--run", "{tmp}/r"), "mixup must be 0 (off) or a positive Beta parameter"),
+        (("train", "--mixup", "nan", "--run", "{tmp}/r"), "mixup must be 0 (off) or a positive Beta parameter"),
+        (("train", "--mixup", "0.2", "--imbalance", "class_weight", "--run", "{tmp}/r"), "mixup does not combine with imbalance class_weight"),
     ],
 )
 def test_user_errors_are_one_line_and_nonzero(tmp_path, args, message):
