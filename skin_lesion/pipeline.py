@@ -164,19 +164,20 @@ def make_pipeline(
             ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
 
     ds = ds.batch(batch_size, drop_remainder=False)
-    if training and augment:
-        aug = make_augmenter(float(augment), seed, colour=colour_augment)
-        # Each batch's draws are keyed by (seed, its index in the stream): a shared
-        # generator handed them out in thread-timing order under parallel calls, so
-        # runs under load did not reproduce. (A second iterator over this dataset
-        # still reshuffles from state the first advanced; train builds one per phase.)
-        ds = ds.enumerate().map(
-            lambda i, xy: (aug(xy[0], training=True, batch_seed=tf.stack([tf.constant(seed, tf.int64), i])), xy[1]),
-            num_parallel_calls=AUTOTUNE,
-        )
-    if training and mixup > 0:  # after augmentation: each image is transformed on its own, then blended
-        ds = ds.enumerate().map(
-            lambda i, xy: mixup_batch(xy[0], xy[1], float(mixup), tf.stack([tf.constant(seed, tf.int64), i]), len(CLASSES)),
-            num_parallel_calls=AUTOTUNE,
-        )
+    if training and (augment or mixup > 0):
+        aug = make_augmenter(float(augment), seed, colour=colour_augment) if augment else None
+
+        def transform(i, xy):
+            """Augment batch ``i``, then blend it (MixUp): each image is transformed on its own first."""
+            # Each batch's draws are keyed by (seed, its index in the stream): a shared
+            # generator handed them out in thread-timing order under parallel calls, so
+            # runs under load did not reproduce. (A second iterator over this dataset
+            # still reshuffles from state the first advanced; train builds one per phase.)
+            batch_seed = tf.stack([tf.constant(seed, tf.int64), i])
+            x, y = xy
+            if aug is not None:
+                x = aug(x, training=True, batch_seed=batch_seed)
+            return mixup_batch(x, y, float(mixup), batch_seed, len(CLASSES)) if mixup > 0 else (x, y)
+
+        ds = ds.enumerate().map(transform, num_parallel_calls=AUTOTUNE)
     return Pipeline(ds.prefetch(AUTOTUNE), steps, weights)
