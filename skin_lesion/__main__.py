@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fold", type=int)
     t.add_argument("--split-by", dest="split_by", choices=["lesion", "image"])
     t.add_argument("--holdout-source", dest="holdout_source", metavar="SOURCE", help="test on this source (dataset column) alone, trained and validated on the others")
+    t.add_argument("--split", dest="split_file", metavar="FILE",
+                   help="train on this split table (image_id, lesion_id, dx, split: train/val/test), e.g. one `data split` wrote and you edited")
     t.add_argument("--seed", type=int)
     t.add_argument("--devices", type=int, help="split the CPU into N logical devices (MirroredStrategy test)")
     t.add_argument("--local-workers", dest="local_workers", type=int, metavar="N",

@@ -118,6 +118,7 @@ class TrainConfig:
     fold: int | None = None
     split_by: str = "lesion"
     holdout_source: str | None = None  # a source (dataset column) held out as the whole test part
+    split_file: str | None = None  # a split table to train on (image_id, lesion_id, dx, split) instead of making one
     seed: int = 0
     average_last: int | None = None  # >0: also save the mean of the weights after the last N fine-tuning epochs, in average/
     label_smoothing: float = 0.0  # >0: train against (1 - eps) one-hot + eps / classes (losses.SmoothedSparseCrossentropy)
@@ -132,11 +133,15 @@ class TrainConfig:
             raise DataError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
         if self.model not in MODEL_NAMES:
             raise DataError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.split_file and (self.folds or self.holdout_source or self.split_by != "lesion" or self.max_per_class):
+            raise DataError("--split trains on the table's own parts; it does not combine with --folds, --holdout-source, --split-by image or --max-per-class")
         prof = {**PROFILES[self.profile], **MODEL_PROFILES.get((self.model, self.profile), {})}
         out = TrainConfig(**asdict(self))
         for key in _PROFILE_KEYS:
             if getattr(out, key) is None:
                 setattr(out, key, prof.get(key, FALLBACKS.get(key)))
+        if out.split_file:
+            out.max_per_class = None  # the table says which images a run uses, not the profile's cap
         out.image_size = out.image_size or DEFAULT_SIZE[out.model]
         input_size(out.image_size, out.aspect)  # an unknown aspect fails here, before any data is read
         out.augment_on = out.augment_on or "pipeline"

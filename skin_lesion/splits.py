@@ -6,6 +6,8 @@ between train and test. Every split the study uses is grouped by ``lesion_id``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
@@ -138,6 +140,52 @@ def make_split_table(meta: pd.DataFrame, folds: int | None = None, seed: int = 0
     else:
         out["split"] = lesion_split(meta, seed=seed)
     return out
+
+
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def read_split_file(csv: str | Path, meta: pd.DataFrame) -> pd.DataFrame:
+    """A user's split table (``train --split``), checked against the data's metadata.
+
+    It has the columns ``data split`` writes: image_id, lesion_id, dx and split
+    (train, val or test). Images the table leaves out are not used; each image
+    must be in the data with the same lesion and label, and no lesion may sit in
+    two parts (its images would leak between them).
+    """
+    csv = Path(csv)
+    if not csv.is_file():
+        raise DataError(f"{csv}: split table not found; write one with `python -m skin_lesion data split --out FILE`")
+    try:
+        table = pd.read_csv(csv, dtype={"image_id": str, "lesion_id": str, "dx": str, "split": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"{csv}: not a readable CSV ({str(e).splitlines()[0]})") from e
+    missing = [c for c in ("image_id", "lesion_id", "dx", "split") if c not in table]
+    if missing:
+        raise DataError(f"{csv}: missing column(s) {missing}; a split table has image_id, lesion_id, dx and split, as `data split` writes")
+    table = table[["image_id", "lesion_id", "dx", "split"]]
+    bad = sorted(set(table["split"].dropna()) - set(SPLIT_PARTS)) + (["(empty)"] if table["split"].isna().any() else [])
+    if bad:
+        raise DataError(f"{csv}: unknown split value(s) {bad}; each row is train, val or test")
+    for part in ("train", "val"):
+        if not (table["split"] == part).any():
+            raise DataError(f"{csv}: no {part} rows; a run needs train and val images")
+    if table["image_id"].duplicated().any():
+        raise DataError(f"{csv}: image {table.loc[table['image_id'].duplicated(), 'image_id'].iloc[0]} is listed more than once")
+    known = table.merge(meta[["image_id", "lesion_id", "dx"]], on="image_id", how="left", suffixes=("", "_data"), indicator=True)
+    absent = known.loc[known["_merge"] == "left_only", "image_id"]
+    if len(absent):
+        raise DataError(f"{csv}: {len(absent)} image(s) are not in the data's metadata (first: {absent.iloc[0]}); was the table made for other data?")
+    for col in ("lesion_id", "dx"):
+        differs = known[known[col] != known[f"{col}_data"]]
+        if len(differs):
+            row = differs.iloc[0]
+            raise DataError(f"{csv}: {len(differs)} image(s) have another {col} than the metadata (first: {row['image_id']}, {row[col]} against {row[f'{col}_data']})")
+    parts = table.groupby("lesion_id")["split"].nunique()
+    if (parts > 1).any():
+        raise DataError(f"{csv}: {int((parts > 1).sum())} lesion(s) in more than one part (first: {parts[parts > 1].index[0]}); "
+                        "keep each lesion's images in one part, or its images leak between them")
+    return table.reset_index(drop=True)
 
 
 def subsample(meta: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from skin_lesion.pipeline import make_pipeline, sampling_prior
 from skin_lesion.pixels import hw
 from skin_lesion.refit import last_epoch, refit_of
 from skin_lesion.runs import RunFolder, input_fields
-from skin_lesion.splits import make_split_table, subsample, with_split
+from skin_lesion.splits import make_split_table, read_split_file, subsample, with_split
 from skin_lesion.workers import cluster_size, exit_on_signal, is_chief, worker_index, worker_scratch
 
 log = logging.getLogger("skin_lesion")
@@ -80,11 +80,14 @@ def phases(cfg: TrainConfig) -> list[Phase]:
 
 
 def prepare_split(cfg: TrainConfig, ds: Dataset, run: RunFolder) -> pd.DataFrame:
-    """Make (or reuse, on resume) the run's ``split.csv`` and return metadata with a ``split`` column."""
+    """Make (or reuse, on resume) the run's ``split.csv``, from ``cfg.split_file`` when given, and return metadata with a ``split`` column."""
     table = run.read_split()
     if table is None:
-        meta = subsample(ds.meta, cfg.max_per_class, cfg.seed)
-        table = make_split_table(meta, folds=cfg.folds, seed=cfg.seed, by=cfg.split_by, holdout_source=cfg.holdout_source)
+        if cfg.split_file:
+            table = read_split_file(cfg.split_file, ds.meta)
+        else:
+            meta = subsample(ds.meta, cfg.max_per_class, cfg.seed)
+            table = make_split_table(meta, folds=cfg.folds, seed=cfg.seed, by=cfg.split_by, holdout_source=cfg.holdout_source)
         run.write_split(table)
     table = with_split(table, cfg.fold, cfg.seed)
     meta = ds.meta.merge(table[["image_id", "split"]], on="image_id", how="inner")
