@@ -56,7 +56,24 @@ def train_config(args):
     else:
         base = TrainConfig()
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in ("run", "data")}
+    if getattr(args, "split_file", None):
+        overrides["split_file"] = str(Path(args.split_file).resolve())  # config.json says which file, wherever it is read from
+        if args.max_per_class is None:
+            overrides["max_per_class"] = None  # a saved config's profile cap; the table decides the images
     return TrainConfig(**{**base.__dict__, **overrides, "run": args.run or base.run, "data": args.data or base.data})
+
+
+def check_split_file(cfg, evaluate: bool) -> None:
+    """Check ``train --split``'s table (and the options beside it) before any worker or
+    TensorFlow starts, so a problem is one line; ``evaluate``: the run will be scored on its test rows."""
+    from skin_lesion.data import load_dataset
+    from skin_lesion.info import DataError
+    from skin_lesion.splits import read_split_file
+
+    cfg.resolved()
+    table = read_split_file(cfg.split_file, load_dataset(cfg.data).meta)
+    if evaluate and not (table["split"] == "test").any():
+        raise DataError(f"{cfg.split_file}: no test rows to score the run on; add some, or pass --no-eval")
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -74,6 +91,7 @@ def worker_argv(argv: list[str]) -> list[str]:
 
 
 REFIT_KEEPS = ("run", "data", "devices", "gpu_path")  # the TrainConfig options a refit takes from the command line
+OPTION_FLAGS = {"split_file": "split"}  # TrainConfig fields whose option is not the field's name
 
 
 def refit_config(args):
@@ -87,7 +105,8 @@ def refit_config(args):
     given = sorted(k for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in REFIT_KEEPS)
     clash = [*given, *(["config"] if args.config else []), *(["resume"] if args.resume else []), *(["local_workers"] if args.local_workers else [])]
     if clash:
-        raise SystemExit(f"train --refit-from: repeats {args.refit_from}'s own config; drop --{', --'.join(c.replace('_', '-') for c in clash)} "
+        flags = [OPTION_FLAGS.get(c, c.replace("_", "-")) for c in clash]
+        raise SystemExit(f"train --refit-from: repeats {args.refit_from}'s own config; drop --{', --'.join(flags)} "
                          "(a stopped refit resumes with `train --resume --run OUT` alone)")
     if not args.run:
         raise SystemExit("train --refit-from: name the new run folder with --run")
@@ -106,6 +125,8 @@ def train_cmd(args) -> int:
     if args.refit_half is not None and not args.refit_from:
         raise SystemExit("train --refit-half: goes with --refit-from RUN")
     cfg = refit_config(args) if args.refit_from else train_config(args)
+    if cfg.split_file and not args.resume and is_chief():
+        check_split_file(cfg, evaluate=not args.no_eval)
     stop_with_launcher()
     if (args.local_workers or cluster_size() > 1) and args.folds and args.fold is None:
         raise SystemExit("train: several workers train one run; for k-fold CV pass --fold I to each fold's run")

@@ -102,7 +102,7 @@ def start_refit(source: str | os.PathLike, out: str | os.PathLike, half: int | N
     dest = RunFolder(out)
     if dest.config_file.exists() or dest.history_file.exists():  # a split alone is what a start that died left: written again
         raise DataError(f"{dest.path}: the run folder already holds a run; pass --resume to continue it or choose a new --run")
-    cfg = replace(cfg, run=str(dest.path))
+    cfg = replace(cfg, run=str(dest.path), split_file=None)  # its split.csv is the source's table with validation added, not a file to read again
     dest.write_split(refit_table(table, half, cfg.seed))
     dest.update_manifest(refit={**Refit(src.path, epoch, half).as_dict(), "source": dest.relative(src)})
     dest.write_config(cfg)  # last: a folder with a config is a run that `train --resume` continues

@@ -150,21 +150,27 @@ def read_split_file(csv: str | Path, meta: pd.DataFrame) -> pd.DataFrame:
 
     It has the columns ``data split`` writes: image_id, lesion_id, dx and split
     (train, val or test). Images the table leaves out are not used; each image
-    must be in the data with the same lesion and label, and no lesion may sit in
-    two parts (its images would leak between them).
+    must be in the data with the same lesion and label, every class of the data
+    needs training images, and no lesion may sit in two parts (its images would
+    leak between them).
     """
     csv = Path(csv)
     if not csv.is_file():
         raise DataError(f"{csv}: split table not found; write one with `python -m skin_lesion data split --out FILE`")
     try:
         table = pd.read_csv(csv, dtype={"image_id": str, "lesion_id": str, "dx": str, "split": str})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError) as e:
         raise DataError(f"{csv}: not a readable CSV ({str(e).splitlines()[0]})") from e
     missing = [c for c in ("image_id", "lesion_id", "dx", "split") if c not in table]
     if missing:
-        raise DataError(f"{csv}: missing column(s) {missing}; a split table has image_id, lesion_id, dx and split, as `data split` writes")
+        hint = " (a table of `data split --folds` goes with `train --folds`, not --split)" if missing == ["split"] and "fold" in table else ""
+        raise DataError(f"{csv}: missing column(s) {missing}; a split table has image_id, lesion_id, dx and split, as `data split` writes{hint}")
     table = table[["image_id", "lesion_id", "dx", "split"]]
-    bad = sorted(set(table["split"].dropna()) - set(SPLIT_PARTS)) + (["(empty)"] if table["split"].isna().any() else [])
+    empty = table.isna()
+    if empty.any().any():
+        column = empty.any().idxmax()
+        raise DataError(f"{csv}: {int(empty[column].sum())} empty {column} cell(s) (first: data row {int(empty[column].to_numpy().argmax()) + 1}); fill or drop those rows")
+    bad = sorted(set(table["split"]) - set(SPLIT_PARTS))
     if bad:
         raise DataError(f"{csv}: unknown split value(s) {bad}; each row is train, val or test")
     for part in ("train", "val"):
@@ -181,6 +187,10 @@ def read_split_file(csv: str | Path, meta: pd.DataFrame) -> pd.DataFrame:
         if len(differs):
             row = differs.iloc[0]
             raise DataError(f"{csv}: {len(differs)} image(s) have another {col} than the metadata (first: {row['image_id']}, {row[col]} against {row[f'{col}_data']})")
+    untrained = sorted(set(meta["dx"]) - set(table.loc[table["split"] == "train", "dx"]))
+    if untrained:
+        # The class mix and the model's prior shift divide by each class's share of training.
+        raise DataError(f"{csv}: no train images of {', '.join(untrained)}; every class of the data needs some in train")
     parts = table.groupby("lesion_id")["split"].nunique()
     if (parts > 1).any():
         raise DataError(f"{csv}: {int((parts > 1).sum())} lesion(s) in more than one part (first: {parts[parts > 1].index[0]}); "

@@ -79,9 +79,13 @@ def phases(cfg: TrainConfig) -> list[Phase]:
     return out
 
 
-def prepare_split(cfg: TrainConfig, ds: Dataset, run: RunFolder) -> pd.DataFrame:
-    """Make (or reuse, on resume) the run's ``split.csv``, from ``cfg.split_file`` when given, and return metadata with a ``split`` column."""
-    table = run.read_split()
+def prepare_split(cfg: TrainConfig, ds: Dataset, run: RunFolder, fresh: bool = True) -> pd.DataFrame:
+    """Make (or reuse, on resume) the run's ``split.csv`` and return metadata with a ``split`` column.
+
+    With ``cfg.split_file`` a fresh start reads and checks that table again, so a
+    table edited after a start that died is the one used, not the copy it left.
+    """
+    table = None if cfg.split_file and fresh else run.read_split()
     if table is None:
         if cfg.split_file:
             table = read_split_file(cfg.split_file, ds.meta)
@@ -138,15 +142,15 @@ def train(cfg: TrainConfig, resume: bool = False, verbose: int | str = "auto") -
             scratch = worker_run(RunFolder(cfg.run), resume)
             cfg = replace(cfg, run=str(scratch))
         cfg, run = _start_run(cfg, resume)
-        _train(cfg, run, verbose)
+        _train(cfg, run, verbose, fresh=not resume)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return requested
 
 
-def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
-    """The epochs of a started run (``train``)."""
+def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str, fresh: bool = True) -> None:
+    """The epochs of a started run (``train``); ``fresh``: not a resumed one."""
     gpu_path = uses_gpu_path(cfg)
     strategy = strategy_for(cfg.devices, mixed_precision=gpu_path)  # first: logical devices must be set before TensorFlow starts
     workers = cluster_size()
@@ -155,7 +159,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str) -> None:
              f" on {workers} workers (this is worker {worker_index()})" if workers > 1 else "")
     keras.utils.set_random_seed(cfg.seed)
     ds = load_dataset(cfg.data)
-    meta = prepare_split(cfg, ds, run)
+    meta = prepare_split(cfg, ds, run, fresh)
     parts = {name: meta[meta["split"] == name] for name in ("train", "val")}
     size = hw(cfg.input_size)
     in_pipeline = cfg.augment if cfg.augment_on == "pipeline" else False

@@ -26,6 +26,8 @@ def test_a_run_trains_on_the_tables_own_parts(demo_dir, table, tmp_path):
     cut = table[~table["lesion_id"].isin(train_lesions[::2])]
     cut.to_csv(tmp_path / "cut.csv", index=False)
     run = tmp_path / "run"
+    run.mkdir()
+    table.to_csv(run / "split.csv", index=False)  # what a start that died left, from an earlier table: a fresh start reads the file again
     res = cli("train", "--profile", "smoke", "--model", "cnn", "--epochs", "1", "--tta", "2", "--split", str(tmp_path / "cut.csv"),
               "--data", str(demo_dir), "--run", str(run))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -58,6 +60,10 @@ def _broken(table: pd.DataFrame, how: str) -> pd.DataFrame:
         t = t[t["split"] != "val"]
     elif how == "twice":
         t = pd.concat([t, t.iloc[:1]])
+    elif how == "empty":
+        t.loc[1, "image_id"] = None
+    elif how == "class":  # every dermatofibroma lesion of train moved, whole, to val
+        t.loc[(t["split"] == "train") & (t["dx"] == "df"), "split"] = "val"
     return t
 
 
@@ -69,6 +75,8 @@ def _broken(table: pd.DataFrame, how: str) -> pd.DataFrame:
     ("label", r"1 image\(s\) have another dx than the metadata"),
     ("no_val", "no val rows; a run needs train and val images"),
     ("twice", r"image \S+ is listed more than once"),
+    ("empty", r"1 empty image_id cell\(s\) \(first: data row 2\); fill or drop those rows"),
+    ("class", "no train images of df; every class of the data needs some in train"),
 ])
 def test_a_broken_table_is_refused_naming_the_file(demo_dir, table, tmp_path, how, message):
     path = tmp_path / "split.csv"
@@ -77,13 +85,29 @@ def test_a_broken_table_is_refused_naming_the_file(demo_dir, table, tmp_path, ho
         splits.read_split_file(path, data.load_dataset(demo_dir).meta)
 
 
+def test_a_fold_table_is_pointed_at_folds(demo_dir, tmp_path):
+    meta = data.load_dataset(demo_dir).meta
+    splits.make_split_table(meta, folds=3).to_csv(tmp_path / "folds.csv", index=False)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['split'\].*goes with `train --folds`, not --split"):
+        splits.read_split_file(tmp_path / "folds.csv", meta)
+
+
 def test_the_command_line_refuses_before_training(demo_dir, table, tmp_path):
     _broken(table, "leak").to_csv(tmp_path / "leak.csv", index=False)
     res = cli("train", "--profile", "smoke", "--split", str(tmp_path / "leak.csv"), "--data", str(demo_dir), "--run", str(tmp_path / "r"))
     assert res.returncode == 2 and "lesion(s) in more than one part" in res.stderr
-    assert not (tmp_path / "r" / "history.csv").exists()
+    assert not (tmp_path / "r").exists()  # refused before the run folder was made
     res = cli("train", "--profile", "smoke", "--split", str(tmp_path / "absent.csv"), "--data", str(demo_dir), "--run", str(tmp_path / "r2"))
     assert res.returncode == 2 and "absent.csv: split table not found; write one with" in res.stderr
+    table[table["split"] != "test"].to_csv(tmp_path / "no_test.csv", index=False)
+    res = cli("train", "--profile", "smoke", "--split", str(tmp_path / "no_test.csv"), "--data", str(demo_dir), "--run", str(tmp_path / "r4"))
+    assert res.returncode == 2 and "no_test.csv: no test rows to score the run on; add some, or pass --no-eval" in res.stderr
+    # A saved smoke config carries the profile's 20-a-class cap: --split replaces it, so the table's own problem is what is said.
+    (tmp_path / "smoke.json").write_text(json.dumps({"profile": "smoke", "max_per_class": 20}))
+    res = cli("train", "--config", str(tmp_path / "smoke.json"), "--split", str(tmp_path / "leak.csv"), "--data", str(demo_dir), "--run", str(tmp_path / "r5"))
+    assert res.returncode == 2 and "lesion(s) in more than one part" in res.stderr
+    res = cli("train", "--refit-from", str(tmp_path / "r"), "--split", str(tmp_path / "leak.csv"), "--run", str(tmp_path / "r6"))
+    assert res.returncode == 1 and "drop --split " in res.stderr
     table.to_csv(tmp_path / "ok.csv", index=False)
     for other in (["--folds", "3"], ["--holdout-source", "synthetic_demo"], ["--split-by", "image"], ["--max-per-class", "5"]):
         res = cli("train", "--profile", "smoke", "--split", str(tmp_path / "ok.csv"), *other, "--data", str(demo_dir), "--run", str(tmp_path / "r3"))
