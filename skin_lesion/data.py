@@ -89,15 +89,20 @@ def image_index(root: Path) -> dict[str, Path]:
     return index
 
 
+def read_csv_table(csv: Path, dtype: dict, fix: str = "") -> pd.DataFrame:
+    """``pd.read_csv`` with a one-line DataError naming the file (and ``fix``) when it cannot be read as a CSV."""
+    try:
+        return pd.read_csv(csv, dtype=dtype)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError) as e:
+        raise DataError(f"{csv}: not a readable CSV ({str(e).splitlines()[0]}){fix}") from e
+
+
 def read_metadata(csv: Path) -> pd.DataFrame:
     """Read and validate a HAM10000-style metadata CSV (CRLF or LF, missing ages,
     ``unknown`` sex and site); raise DataError naming the file on any problem."""
     if not csv.exists():
         raise DataError(f"{csv}: metadata file not found; the data folder needs {METADATA_FILE} (or run `python -m skin_lesion data demo`)")
-    try:
-        df = pd.read_csv(csv, dtype={"lesion_id": str, "image_id": str, "dx": str})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{csv}: not a readable CSV ({str(e).splitlines()[0]}); re-download the metadata") from e
+    df = read_csv_table(csv, {"lesion_id": str, "image_id": str, "dx": str}, fix="; re-download the metadata")
     problems = metadata_problems(df, csv)
     if problems:
         raise DataError(problems[0])
@@ -213,10 +218,7 @@ def read_labels(csv: str | os.PathLike) -> pd.DataFrame:
     csv = Path(csv)
     if not csv.exists():
         raise DataError(f"{csv}: labels file not found")
-    try:
-        df = pd.read_csv(csv, dtype={"image_id": str, "image": str})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{csv}: not a readable CSV ({str(e).splitlines()[0]})") from e
+    df = read_csv_table(csv, {"image_id": str, "image": str})
     if {"image_id", "dx"} <= set(df.columns):
         out = df[["image_id", "dx"]].copy()
     elif {"image", *ISIC_COLUMNS} <= set(df.columns):

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from skin_lesion.data import read_csv_table
 from skin_lesion.info import DataError
 
 
@@ -157,10 +158,7 @@ def read_split_file(csv: str | Path, meta: pd.DataFrame) -> pd.DataFrame:
     csv = Path(csv)
     if not csv.is_file():
         raise DataError(f"{csv}: split table not found; write one with `python -m skin_lesion data split --out FILE`")
-    try:
-        table = pd.read_csv(csv, dtype={"image_id": str, "lesion_id": str, "dx": str, "split": str})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError) as e:
-        raise DataError(f"{csv}: not a readable CSV ({str(e).splitlines()[0]})") from e
+    table = read_csv_table(csv, {"image_id": str, "lesion_id": str, "dx": str, "split": str})
     missing = [c for c in ("image_id", "lesion_id", "dx", "split") if c not in table]
     if missing:
         hint = " (a table of `data split --folds` goes with `train --folds`, not --split)" if missing == ["split"] and "fold" in table else ""
