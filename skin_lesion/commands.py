@@ -195,6 +195,8 @@ def operating_point(args) -> dict:
 def evaluate_cmd(args) -> int:
     if bool(args.images) != bool(args.labels):
         raise SystemExit("evaluate: --images and --labels go together")
+    if args.adapt_bn and not args.images:
+        raise SystemExit("evaluate: --adapt-bn adapts the model to an external folder; pass --images and --labels")
     if (args.image_size is None) != (args.out is None):  # --image-size 0 is an error of its own, not "absent"
         raise SystemExit("evaluate: --image-size and --out go together (the run scored at another size is written to --out)")
     from skin_lesion.evaluate import evaluate_run
@@ -207,8 +209,6 @@ def evaluate_cmd(args) -> int:
         made_by = "stack" if manifest.get("kind") == "decision_layer" else "ensemble"
         raise SystemExit(f"evaluate: {args.run} is {combination}; `{made_by}` scored it on its test split, and "
                          "evaluate scores it on an external set (--images and --labels), not at another size")
-    if args.adapt_bn and not args.images:
-        raise SystemExit("evaluate: --adapt-bn adapts the model to an external folder; pass --images and --labels")
     if args.adapt_bn and combination == "a decision layer":
         raise SystemExit(f"evaluate: {args.run} is a decision layer; --adapt-bn scores a run or a mean ensemble")
     if combination == "a decision layer":

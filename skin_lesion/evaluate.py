@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion import __version__
-from skin_lesion.adapt import adapt_batchnorm, check_enough_images
+from skin_lesion.adapt import ADAPT_BATCH, adapt_batchnorm, check_enough_images
 from skin_lesion.bundle import file_sha256
 from skin_lesion.calibration import apply_temperature, decide, fit_temperature, mel_recall_at, mel_threshold, operating_point
 from skin_lesion.config import TrainConfig
@@ -135,6 +135,8 @@ def evaluate_run(
         scored, name = external.frame, external.name + (ADAPTED_SUFFIX if adapt_bn else "")
         if name in (TEST, "val"):
             raise DataError(f"--name {name}: reserved for the run's own splits; name the external set otherwise")
+        if name.endswith(ADAPTED_SUFFIX) and not adapt_bn:
+            raise DataError(f"--name {name}: names ending {ADAPTED_SUFFIX} are kept for --adapt-bn's outputs; name the external set otherwise")
         if adapt_bn:
             check_enough_images(len(scored))
         extra = dict(images=str(images), labels=str(labels), skipped=external.skipped)
@@ -152,7 +154,7 @@ def evaluate_run(
     else:
         p_val = predict_probs(model, val, cfg.input_size, tta=tta)
     if adapt_bn:  # after validation: the temperature and threshold stay those of the trained model
-        extra["adapt_bn"] = adapt_batchnorm(model, scored, cfg.input_size)
+        extra["adapt_bn"] = adapt_batchnorm(model, scored, cfg.input_size, batch_size=cfg.batch_size or ADAPT_BATCH)
     p_scored = predict_probs(model, scored, cfg.input_size, tta=tta)
     result = score_predictions(run, cfg, val, p_val, scored, p_scored, tta, target_mel_recall, name, mel_confidence, extra=extra)
     if name == TEST:
