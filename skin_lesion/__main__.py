@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up
 
 from skin_lesion import commands  # noqa: E402
 from skin_lesion.config import ASPECTS, COLOUR_CONSTANCY, IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
-from skin_lesion.info import MIN_ADAPT_IMAGES, UserError  # noqa: E402
+from skin_lesion.info import UserError  # noqa: E402
 
 log = logging.getLogger("skin_lesion")
 
@@ -105,9 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", help="name of the external set: outputs go to metrics_NAME.json and predictions_NAME.csv (default: the image folder's name)")
     e.add_argument("--skip-missing", dest="skip_missing", action="store_true", help="score the labelled images that are in the folder, list the absent ones")
     e.add_argument("--tta", type=int, default=8)
-    e.add_argument("--adapt-bn", dest="adapt_bn", action="store_true",
-                   help="first re-estimate the model's batch-normalisation statistics on the external folder's images (AdaBN; "
-                        f"at least {MIN_ADAPT_IMAGES} images of one source; outputs named NAME_adapt_bn)")
     e.add_argument("--image-size", dest="image_size", type=int, help="score the model at this input size (a copy of the run, written to --out)")
     e.add_argument("--out", help="with --image-size: the folder for the resized copy of the run")
     _add_operating_point(e)

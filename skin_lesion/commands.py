@@ -195,8 +195,6 @@ def operating_point(args) -> dict:
 def evaluate_cmd(args) -> int:
     if bool(args.images) != bool(args.labels):
         raise SystemExit("evaluate: --images and --labels go together")
-    if args.adapt_bn and not args.images:
-        raise SystemExit("evaluate: --adapt-bn adapts the model to an external folder; pass --images and --labels")
     if (args.image_size is None) != (args.out is None):  # --image-size 0 is an error of its own, not "absent"
         raise SystemExit("evaluate: --image-size and --out go together (the run scored at another size is written to --out)")
     from skin_lesion.evaluate import evaluate_run
@@ -209,8 +207,6 @@ def evaluate_cmd(args) -> int:
         made_by = "stack" if manifest.get("kind") == "decision_layer" else "ensemble"
         raise SystemExit(f"evaluate: {args.run} is {combination}; `{made_by}` scored it on its test split, and "
                          "evaluate scores it on an external set (--images and --labels), not at another size")
-    if args.adapt_bn and combination == "a decision layer":
-        raise SystemExit(f"evaluate: {args.run} is a decision layer; --adapt-bn scores a run or a mean ensemble")
     if combination == "a decision layer":
         from skin_lesion.stacking import evaluate_stacked_external
 
@@ -222,12 +218,10 @@ def evaluate_cmd(args) -> int:
     if combination == "a mean ensemble":
         from skin_lesion.ensemble import evaluate_ensemble_external
 
-        result = evaluate_ensemble_external(args.run, args.images, args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing,
-                                            adapt_bn=args.adapt_bn, **operating_point(args))
+        result = evaluate_ensemble_external(args.run, args.images, args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing, **operating_point(args))
     else:
         run = resize_run(args.run, args.image_size, args.out) if args.out else args.run
-        result = evaluate_run(run, images=args.images, labels=args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing,
-                              adapt_bn=args.adapt_bn, **operating_point(args))
+        result = evaluate_run(run, images=args.images, labels=args.labels, tta=args.tta, name=args.name, skip_missing=args.skip_missing, **operating_point(args))
     print_metrics(result)
     return 0
 

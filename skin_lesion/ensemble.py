@@ -84,7 +84,7 @@ def mean_runs(
 
 def score_runs_external(
     runs: list[RunFolder], images: str | os.PathLike, labels: str | os.PathLike, tta: int, name: str | None, skip_missing: bool,
-    target_mel_recall: float, mel_confidence: float | None, adapt_bn: bool = False,
+    target_mel_recall: float, mel_confidence: float | None,
 ) -> tuple[str, pd.DataFrame, dict[str, np.ndarray], dict]:
     """Score each run on an external labelled set (``evaluate_run``: its outputs
     ``metrics_NAME.json`` and ``predictions_NAME.csv`` in its folder), for a
@@ -94,20 +94,17 @@ def score_runs_external(
     from skin_lesion.evaluate import evaluate_run
 
     scored = [evaluate_run(r.path, images=images, labels=labels, tta=tta, target_mel_recall=target_mel_recall,
-                           mel_confidence=mel_confidence, name=name, skip_missing=skip_missing, adapt_bn=adapt_bn) for r in runs]
+                           mel_confidence=mel_confidence, name=name, skip_missing=skip_missing) for r in runs]
     name = scored[0].evaluated_on
     external, probs = aligned_probabilities(runs, name)
     extra = dict(images=str(images), labels=str(labels), skipped=scored[0].extra.get("skipped", []),
                  member_balanced_accuracy={r.label: s.calibrated["balanced_accuracy"] for r, s in zip(runs, scored)})
-    if adapt_bn:
-        extra["adapt_bn"] = {r.label: s.extra["adapt_bn"] for r, s in zip(runs, scored)}
     return name, external, probs, extra
 
 
 def evaluate_ensemble_external(
     ensemble: str | os.PathLike, images: str | os.PathLike, labels: str | os.PathLike, tta: int = 8,
     target_mel_recall: float = 0.8, mel_confidence: float | None = 0.95, name: str | None = None, skip_missing: bool = False,
-    adapt_bn: bool = False,
 ) -> Evaluation:
     """A mean ensemble scored on an external labelled set, as it decides on its own test split.
 
@@ -117,15 +114,14 @@ def evaluate_ensemble_external(
     ensemble's temperature and melanoma threshold (fitted again on the same
     validation predictions, so the same values) and its logit offset, and the
     ensemble's own ``metrics_NAME.json`` and ``predictions_NAME.csv`` are
-    written beside its test metrics. ``adapt_bn`` adapts each member to the
-    set first (``adapt.adapt_batchnorm``).
+    written beside its test metrics.
     """
     folder = RunFolder(ensemble)
     manifest = folder.manifest()
     members = [RunFolder(folder.path / m) for m in manifest.get("members", [])]
     if not members:
         raise DataError(f"{folder.path}: not a mean ensemble (no members in its manifest.json)")
-    name, external, external_probs, extra = score_runs_external(members, images, labels, tta, name, skip_missing, target_mel_recall, mel_confidence, adapt_bn)
+    name, external, external_probs, extra = score_runs_external(members, images, labels, tta, name, skip_missing, target_mel_recall, mel_confidence)
     val, val_probs = aligned_probabilities(members, "val")
     offset = manifest.get("logit_offset")
     extra = dict(ensemble=manifest["members"], **extra)

@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion import __version__
-from skin_lesion.adapt import ADAPT_BATCH, adapt_batchnorm, check_enough_images
 from skin_lesion.bundle import file_sha256
 from skin_lesion.calibration import apply_temperature, decide, fit_temperature, mel_recall_at, mel_threshold, operating_point
 from skin_lesion.config import TrainConfig
@@ -36,8 +35,6 @@ log = logging.getLogger("skin_lesion")
 
 # The manifest's record of what the test split's scores came from (``scoring_record``).
 SCORED_FROM = "scored_from"
-# What an external set's outputs are named after when the model was adapted to it (``--adapt-bn``).
-ADAPTED_SUFFIX = "_adapt_bn"
 # The modules whose code decides a run's scores: a change to any of them scores the run again.
 SCORING_MODULES = ("evaluate", "metrics", "calibration", "inference", "pipeline", "pixels", "data", "splits", "refit")
 
@@ -110,7 +107,6 @@ def evaluate_run(
     mel_confidence: float | None = 0.95,
     name: str | None = None,
     skip_missing: bool = False,
-    adapt_bn: bool = False,
 ) -> Evaluation:
     """Score a run on its test split, or on an external set (``images`` + ``labels``),
     and write the metrics and predictions into the run folder.
@@ -120,25 +116,17 @@ def evaluate_run(
     validation for ``target_mel_recall`` with ``mel_confidence``; see
     ``calibration.mel_threshold``). An external set's outputs are named after
     it (``name``, default its folder's name); ``skip_missing`` scores the
-    labelled images that are there and records the rest. ``adapt_bn`` first
-    re-estimates the model's batch-normalisation statistics on the external
-    set's images (``adapt.adapt_batchnorm``; outputs named ``NAME_adapt_bn``).
+    labelled images that are there and records the rest.
     """
-    if adapt_bn and not images:
-        raise DataError("--adapt-bn adapts the model to an external folder; pass --images and --labels")
     model, cfg = load_run_model(run)
     meta, _ = run_frames(run)
     val = meta[meta["split"] == "val"]
     extra: dict = {}
     if images:
         external = external_set(images, labels, name, skip_missing)
-        scored, name = external.frame, external.name + (ADAPTED_SUFFIX if adapt_bn else "")
+        scored, name = external.frame, external.name
         if name in (TEST, "val"):
             raise DataError(f"--name {name}: reserved for the run's own splits; name the external set otherwise")
-        if name.endswith(ADAPTED_SUFFIX) and not adapt_bn:
-            raise DataError(f"--name {name}: names ending {ADAPTED_SUFFIX} are kept for --adapt-bn's outputs; name the external set otherwise")
-        if adapt_bn:
-            check_enough_images(len(scored))
         extra = dict(images=str(images), labels=str(labels), skipped=external.skipped)
         if external.skipped:
             log.warning("%s: %d labelled image(s) absent and skipped, e.g. %s", images, len(external.skipped), external.skipped[0])
@@ -153,8 +141,6 @@ def evaluate_run(
         val, p_val = refit_calibration(run, refit, model, cfg, meta, tta, extra, screen=name == TEST)
     else:
         p_val = predict_probs(model, val, cfg.input_size, tta=tta)
-    if adapt_bn:  # after validation: the temperature and threshold stay those of the trained model
-        extra["adapt_bn"] = adapt_batchnorm(model, scored, cfg.input_size, batch_size=cfg.batch_size or ADAPT_BATCH)
     p_scored = predict_probs(model, scored, cfg.input_size, tta=tta)
     result = score_predictions(run, cfg, val, p_val, scored, p_scored, tta, target_mel_recall, name, mel_confidence, extra=extra)
     if name == TEST:

@@ -41,9 +41,6 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 ISIC_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 DEMO_MARK = "SYNTHETIC_DEMO"  # a file in the demo folder that marks it as synthetic
 SYNTHETIC_LABEL = "SYNTHETIC DEMO DATA (not HAM10000)"
-# AdaBN (``evaluate --adapt-bn``) needs this many images of one source: fewer give
-# batch-normalisation statistics too noisy to replace the training ones.
-MIN_ADAPT_IMAGES = 64
 DISCLAIMER = "Research tool, not a diagnosis: see a dermatologist about any lesion that worries you."
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
