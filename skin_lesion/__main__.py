@@ -12,7 +12,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the user's way
 
 from skin_lesion import commands  # noqa: E402
-from skin_lesion.config import ASPECTS, COLOUR_CONSTANCY, IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
+from skin_lesion.config import ASPECTS, BN_STATISTICS, COLOUR_CONSTANCY, IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
 from skin_lesion.info import UserError  # noqa: E402
 
 log = logging.getLogger("skin_lesion")
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the augmentation's colour jitter (default 1); above 1 each channel's gain also shifts")
     t.add_argument("--colour-constancy", dest="colour_constancy", choices=COLOUR_CONSTANCY,
                    help="normalise each image's colour inside the model (shades_of_gray: Shades of Gray, p = 6); default none")
+    t.add_argument("--bn-statistics", dest="bn_statistics", choices=BN_STATISTICS,
+                   help="a pretrained backbone's frozen BatchNormalization statistics: its own (pretrained, the default) "
+                        "or measured on the training images before the first epoch (training)")
     t.add_argument("--weights", help="imagenet, none, or a weights file")
     t.add_argument("--unfreeze-from", dest="unfreeze_from", help="first backbone layer to fine-tune ('all' for everything)")
     t.add_argument("--average-last", dest="average_last", type=int, help="also save the mean of the weights after the last N fine-tuning epochs, as the run RUN/average (0 = off)")

@@ -32,6 +32,10 @@ UNFREEZE_FROM: dict[str, str | None] = {
     "efficientnet_lite0": "block8_expand_conv", "efficientnet_lite1": "block11_expand_conv", "efficientnet_lite2": "block11_expand_conv",
 }
 IMBALANCE_METHODS: tuple[str, ...] = ("none", "oversample", "sqrt", "undersample", "class_weight")
+# Where a pretrained backbone's frozen BatchNormalization statistics come from: its own
+# pretraining, or the run's training images, measured once before the first epoch
+# (``bn_statistics.estimate_statistics``).
+BN_STATISTICS: tuple[str, ...] = ("pretrained", "training")
 # Where augmentation runs: in tf.data (overlapping the train step on the CPU) or as
 # the model's first layer (on the accelerator; the pipeline then only decodes,
 # caches and batches).
@@ -122,6 +126,7 @@ class TrainConfig:
     seed: int = 0
     average_last: int | None = None  # >0: also save the mean of the weights after the last N fine-tuning epochs, in average/
     label_smoothing: float = 0.0  # >0: train against (1 - eps) one-hot + eps / classes (losses.SmoothedSparseCrossentropy)
+    bn_statistics: str = "pretrained"  # "training": the frozen BatchNormalization statistics re-measured on the training images
     mixup: float = 0.0  # >0: MixUp, each training image and label blended with another by a Beta(mixup, mixup) weight (augment.mixup_batch)
     devices: int = 0  # >1: split the CPU into logical devices (tests MirroredStrategy)
     gpu_path: bool | None = None  # mixed precision and XLA; None: when a GPU is present (True reaches that code on a CPU)
@@ -156,6 +161,11 @@ class TrainConfig:
         if out.mixup > 0 and out.imbalance == "class_weight":
             # Keras weighs a soft target by its larger class alone: a blend would carry one class's weight.
             raise DataError("mixup does not combine with imbalance class_weight; choose oversample or sqrt for a MixUp run")
+        if out.bn_statistics not in BN_STATISTICS:
+            raise DataError(f"unknown bn_statistics {out.bn_statistics!r}; choose one of {', '.join(BN_STATISTICS)}")
+        if out.bn_statistics == "training" and not is_pretrained(out.model, out.weights):
+            raise DataError(f"bn_statistics training re-measures a pretrained backbone's frozen statistics; {out.model} with weights {out.weights} "
+                            "trains its own: drop the option")
         if out.imbalance not in IMBALANCE_METHODS:
             raise DataError(f"unknown imbalance method {out.imbalance!r}; choose one of {', '.join(IMBALANCE_METHODS)}")
         out.unfreeze_from = out.unfreeze_from or UNFREEZE_FROM[out.model]
