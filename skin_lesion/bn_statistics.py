@@ -8,10 +8,13 @@ training`` replaces those statistics, once, before the first epoch, with the
 ones the run's own training images give (as a "precise BN" pass does); the
 layers then stay frozen as before, and every learnt weight is untouched.
 
-The statistics are measured the way training normalises a batch: each layer
-normalises each batch by that batch's own moments (so a layer's input is what
-it would be with its new statistics), and the batches' moments are pooled
-into one mean and variance per channel.
+The statistics are measured as "precise BN" measures them: each layer
+normalises each batch by that batch's own moments, as a BatchNormalization
+layer in training mode does, and the batches' moments are pooled into one
+mean and variance per channel. A deeper layer's input is then close to, not
+exactly, what it is once every layer normalises with the pooled statistics.
+They come from the training part's own class mix, whatever mix the
+training batches are drawn with.
 """
 
 from __future__ import annotations

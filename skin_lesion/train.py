@@ -10,6 +10,7 @@ epoch with nothing lost.
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import signal
 import threading
@@ -231,8 +232,18 @@ def _build(cfg: TrainConfig, prior: np.ndarray | None = None, training_steps: in
 def training_moments(cfg: TrainConfig, train_part, prior: np.ndarray | None = None) -> Moments:
     """The BatchNormalization statistics of the run's training images (``--bn-statistics
     training``), measured on a model built outside any distribution strategy: a plain
-    forward pass, the same on every worker (same images, same order)."""
-    moments = estimate_statistics(_build(cfg, prior), train_part, cfg.input_size, cfg.batch_size, seed=cfg.seed)
+    forward pass, the same on every worker (same images, same order).
+
+    Building that model draws seeds (Keras seeds its initializers and dropout from
+    Python's ``random``), so the generators' states are put back afterwards: the run's
+    own model starts from the same head weights and dropout draws as without the option.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        moments = estimate_statistics(_build(cfg, prior), train_part, cfg.input_size, cfg.batch_size, seed=cfg.seed)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
     log.info("BatchNormalization statistics of %d layers measured on %d training images", len(moments), min(STATISTICS_IMAGES, len(train_part)))
     return moments
 

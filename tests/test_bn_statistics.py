@@ -69,6 +69,51 @@ def test_statistics_are_the_images_own_whatever_their_order(lesion_images):
     assert not np.allclose(fewer["bn1"][0], moments["bn1"][0], rtol=1e-4)  # 40 of the 70, not all
 
 
+def test_deeper_statistics_follow_batch_normalised_inputs(lesion_images):
+    """The second layer's statistics, computed apart in NumPy: its input is the
+    first layer's output with each batch normalised by that batch's own moments
+    and the first layer's own scale and offset (precise BN), in the draw and the
+    even batches ``estimate_statistics`` documents."""
+    keras.utils.set_random_seed(1)
+    model = _small_model()
+    rng = np.random.default_rng(0)
+    for name in ("bn1", "bn2"):
+        layer = model.get_layer(name)
+        layer.gamma.assign(rng.uniform(0.5, 2.0, layer.gamma.shape).astype("float32"))
+        layer.beta.assign(rng.normal(0, 1, layer.beta.shape).astype("float32"))
+    frame = _frame(lesion_images[:45])
+    moments = estimate_statistics(model, frame, SIZE, batch_size=16, seed=5)
+    drawn = frame.sort_values("image_id").sample(n=len(frame), random_state=5)
+    images = np.stack([read_image(p, SIZE) for p in drawn["path"]]).astype("float32")
+    conv1 = np.asarray(keras.Model(model.inputs, model.get_layer("conv1").output)(images))
+    bn1 = model.get_layer("bn1")
+    outputs, start = [], 0
+    for size in (15, 15, 15):  # 45 images in batches of at most 16, even: 3 of 15
+        c = conv1[start:start + size]
+        start += size
+        normed = (c - c.mean((0, 1, 2))) / np.sqrt(c.var((0, 1, 2)) + bn1.epsilon) * bn1.gamma.numpy() + bn1.beta.numpy()
+        outputs.append(np.asarray(model.get_layer("conv2")(np.maximum(normed, 0))))
+    second = np.concatenate(outputs).reshape(-1, 5)
+    np.testing.assert_allclose(moments["bn2"][0], second.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(moments["bn2"][1], second.var(0), rtol=1e-3, atol=1e-4)
+
+
+def test_measuring_leaves_the_runs_random_draws_alone(demo_dir):
+    """The option changes the statistics and nothing else: after the measurement the
+    run's model is built from the same seeds (head weights, dropout) as without it."""
+    from skin_lesion.train import _build, training_moments
+
+    cfg = TrainConfig(model="efficientnet_lite0", profile="smoke", bn_statistics="training").resolved()
+    meta = load_dataset(demo_dir).meta.head(40)
+    keras.utils.set_random_seed(0)
+    training_moments(cfg, meta)
+    after = _build(cfg)
+    keras.utils.set_random_seed(0)
+    plain = _build(cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(after.get_weights(), plain.get_weights()))
+    assert len(after.get_weights()) == len(plain.get_weights())
+
+
 def test_set_statistics_replaces_the_moving_statistics_only(lesion_images):
     keras.utils.set_random_seed(0)
     model = _small_model()
@@ -97,13 +142,15 @@ def test_a_pretrained_run_keeps_its_training_images_statistics(demo_dir, tmp_pat
     train_part = meta[meta["image_id"].isin(split.loc[split["split"] == "train", "image_id"])]
     imagenet = build_model("efficientnet_lite0", config.input_size)
     expected = estimate_statistics(imagenet, train_part, config.input_size, config.batch_size, seed=config.seed)
-    saved = keras.models.load_model(run / "model.keras")
-    norms = batchnorm_layers(saved)
-    assert len(norms) == 49
-    for layer in norms:
-        np.testing.assert_allclose(layer.moving_mean.numpy(), expected[layer.name][0], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(layer.moving_variance.numpy(), expected[layer.name][1], rtol=1e-4, atol=1e-5)
-    first = imagenet.get_layer(norms[0].name)
+    last = json.loads((run / "state.json").read_text())["checkpoint"]
+    assert last.endswith("002.keras")  # the fine-tuning phase's, whichever epoch model.keras kept
+    for path in (run / "model.keras", run / last):
+        norms = batchnorm_layers(keras.models.load_model(path))
+        assert len(norms) == 49
+        for layer in norms:
+            np.testing.assert_allclose(layer.moving_mean.numpy(), expected[layer.name][0], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(layer.moving_variance.numpy(), expected[layer.name][1], rtol=1e-4, atol=1e-5)
+    first = imagenet.get_layer(norms[0].name)  # the last file read's first layer
     assert np.abs(norms[0].moving_mean.numpy() - first.moving_mean.numpy()).max() > 0.1
 
 
