@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from skin_lesion.bn_statistics import STATISTICS_IMAGES, Moments, estimate_statistics, set_statistics
+from skin_lesion.bn_statistics import Moments, estimate_statistics, set_statistics
 from skin_lesion.callbacks import BalancedAccuracy, EpochLog, EpochSeconds, RunCheckpoint, WeightAverage, cosine_lr
 from skin_lesion.config import TrainConfig, check_same_config, is_pretrained
 from skin_lesion.data import Dataset, label_ids, load_dataset
@@ -187,14 +187,14 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str, fresh: bool = T
             colour_augment=cfg.colour_augment, mixup=cfg.mixup,
         )
         dataset = shard_by_data(train_pipe.dataset) if workers > 1 else train_pipe.dataset
+        checkpoint = run.state()["checkpoint"]
         # Measured once, before the first epoch: later phases and resumed runs take them from the checkpoint.
-        moments = training_moments(cfg, parts["train"], prior) if cfg.bn_statistics == "training" and not run.state()["checkpoint"] else None
+        moments = training_moments(cfg, parts["train"], prior) if cfg.bn_statistics == "training" and not checkpoint else None
         with strategy.scope():
-            checkpoint = run.state()["checkpoint"]
             if done > phase.start and checkpoint:
                 model = keras.models.load_model(run.path / checkpoint, safe_mode=True)  # mid-phase: optimizer state kept
             else:
-                model = _phase_model(cfg, run, prior, training_steps=train_pipe.steps * cfg.epochs, moments=moments)
+                model = _phase_model(cfg, run, checkpoint, prior, training_steps=train_pipe.steps * cfg.epochs, moments=moments)
                 set_backbone_trainable(model, phase.unfreeze_from, freeze_batchnorm=is_pretrained(cfg.model, cfg.weights))
                 compile_model(model, phase.lr, cfg.label_smoothing, xla=gpu_path and strategy.num_replicas_in_sync == 1, soft_targets=cfg.mixup > 0)
         model = prepare_model(model, strategy, train_pipe.dataset.element_spec[1])
@@ -244,16 +244,14 @@ def training_moments(cfg: TrainConfig, train_part, prior: np.ndarray | None = No
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-    log.info("BatchNormalization statistics of %d layers measured on %d training images", len(moments), min(STATISTICS_IMAGES, len(train_part)))
     return moments
 
 
-def _phase_model(cfg: TrainConfig, run: RunFolder, prior: np.ndarray | None = None, training_steps: int | None = None,
+def _phase_model(cfg: TrainConfig, run: RunFolder, checkpoint: str | None, prior: np.ndarray | None = None, training_steps: int | None = None,
                  moments: Moments | None = None) -> keras.Model:
-    """A fresh model for a new phase: from the last checkpoint's weights when one
-    exists, else the built one, with the training images' ``moments`` when given."""
+    """A fresh model for a new phase: from the weights of the run's last ``checkpoint``
+    when there is one, else the built one, with the training images' ``moments`` when given."""
     model = _build(cfg, prior, training_steps)
-    checkpoint = run.state()["checkpoint"]
     if checkpoint:
         model.set_weights(keras.models.load_model(run.path / checkpoint, safe_mode=True, compile=False).get_weights())
     elif moments is not None:
