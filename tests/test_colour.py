@@ -76,9 +76,14 @@ def test_colour_strength_tints_grey_only_above_one(in_model):
 def test_unknown_colour_options_are_user_errors():
     with pytest.raises(DataError, match="unknown colour_constancy 'grey_world'"):
         TrainConfig(colour_constancy="grey_world").resolved()
-    for bad in (-1, 6):
+    for bad in (-1, 6, float("nan")):
         with pytest.raises(DataError, match=r"colour_augment must be in \[0, 5\]"):
             TrainConfig(colour_augment=bad).resolved()
+        with pytest.raises(DataError, match=r"augment must be in \[0, 5\] \(0 = off\)"):
+            TrainConfig(augment=bad).resolved()
+    with pytest.raises(DataError, match=r"augment x colour_augment = 6, must be at most 5"):
+        TrainConfig(augment=2, colour_augment=3).resolved()
+    assert TrainConfig(augment=1.5, colour_augment=0.6667).resolved().augment == 1.5  # the geometric screen's options
 
 
 def test_a_colour_constant_run_trains_exports_and_the_bundle_agrees(demo_dir, lesion_images, tmp_path):
