@@ -45,9 +45,10 @@ COLOUR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
 # A model's input frame: square, or 4:3 like HAM10000's 200x150 frames (height three
 # quarters of ``image_size``, so a frame is resized without being squeezed).
 ASPECTS: dict[str, tuple[int, int]] = {"1:1": (1, 1), "4:3": (4, 3)}
-# Above about 6.7 the contrast jitter could turn an image negative: the colour strength
-# (augment x colour_augment) stops well below, and so does augment alone (zoom from 1 - 0.1 x augment).
-MAX_COLOUR_AUGMENT = 5.0
+# The bound of augment, colour_augment and their product (the colour jitter's strength):
+# above about 6.7 the contrast jitter could turn an image negative, and the zoom
+# (from 1 - 0.1 x augment) reach zero at 10.
+MAX_AUGMENT = 5.0
 
 PROFILES: dict[str, dict] = {
     # Minutes on 2 cores: tiny images, a few images per class, two epochs.
@@ -155,13 +156,13 @@ class TrainConfig:
             raise DataError(f"unknown augment_on {out.augment_on!r}; choose one of {', '.join(AUGMENT_ON)}")
         if out.colour_constancy not in COLOUR_CONSTANCY:
             raise DataError(f"unknown colour_constancy {out.colour_constancy!r}; choose one of {', '.join(COLOUR_CONSTANCY)}")
-        if not 0 <= out.augment <= MAX_COLOUR_AUGMENT:
-            raise DataError(f"augment must be in [0, {MAX_COLOUR_AUGMENT:g}] (0 = off), got {out.augment}")
-        if not 0 <= out.colour_augment <= MAX_COLOUR_AUGMENT:
-            raise DataError(f"colour_augment must be in [0, {MAX_COLOUR_AUGMENT:g}], got {out.colour_augment}")
-        if out.augment * out.colour_augment > MAX_COLOUR_AUGMENT:
+        if not 0 <= out.augment <= MAX_AUGMENT:
+            raise DataError(f"augment must be in [0, {MAX_AUGMENT:g}] (0 = off), got {out.augment}")
+        if not 0 <= out.colour_augment <= MAX_AUGMENT:
+            raise DataError(f"colour_augment must be in [0, {MAX_AUGMENT:g}], got {out.colour_augment}")
+        if out.augment * out.colour_augment > MAX_AUGMENT:
             raise DataError(f"the colour jitter's strength, augment x colour_augment = {out.augment * out.colour_augment:g}, "
-                            f"must be at most {MAX_COLOUR_AUGMENT:g}; lower one of them")
+                            f"must be at most {MAX_AUGMENT:g}; lower one of them")
         if not math.isfinite(out.mixup) or out.mixup < 0:
             raise DataError(f"mixup must be 0 (off) or a positive Beta parameter, got {out.mixup}")
         if out.mixup > 0 and out.imbalance == "class_weight":
