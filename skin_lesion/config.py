@@ -47,7 +47,7 @@ COLOUR_CONSTANCY: tuple[str, ...] = ("none", "shades_of_gray")
 ASPECTS: dict[str, tuple[int, int]] = {"1:1": (1, 1), "4:3": (4, 3)}
 # The bound of augment, colour_augment and their product (the colour jitter's strength):
 # above about 6.7 the contrast jitter could turn an image negative, and the zoom
-# (from 1 - 0.1 x augment) reach zero at 10.
+# (from 1 - 0.1 x augment) reaches zero at 10.
 MAX_AUGMENT = 5.0
 
 PROFILES: dict[str, dict] = {
