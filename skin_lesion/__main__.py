@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operating_point(en)
     en.set_defaults(func=commands.ensemble_cmd)
 
+    mp = sub.add_parser("metadata-prior", help="score mean ensembles' saved predictions with p(class | age, sex, site) learnt on their training split")
+    mp.add_argument("ensembles", nargs="+", help="mean ensembles' folders (`ensemble --out`), one per seed, say")
+    mp.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                    help="weights of the prior's log-ratio to try (0: the ensemble's own labels)")
+    mp.add_argument("--data", help="the data folder the ensemble's runs were trained on (default: $SKIN_LESION_DATA)")
+    mp.set_defaults(func=commands.metadata_prior_cmd)
+
     su = sub.add_parser("summarize", help="test metrics of several runs (seeds, folds) side by side, with mean and sd")
     su.add_argument("runs", nargs="+", help="evaluated run folders or stack outputs")
     su.add_argument("--csv", help="also write the table here")

@@ -340,6 +340,22 @@ def ensemble_cmd(args) -> int:
     return 0
 
 
+def metadata_prior_cmd(args) -> int:
+    import pandas as pd
+
+    from skin_lesion.metadata_prior import PRIOR_FILE, leave_one_out, score_metadata_prior
+
+    tables = {e: score_metadata_prior(e, args.beta, args.data) for e in args.ensembles}
+    for e, table in tables.items():
+        print(f"{e} -> {Path(e) / PRIOR_FILE}\n{table.to_string(index=False, float_format=lambda x: f'{x:.4f}')}")
+    if len(tables) > 1:
+        mean = pd.concat(tables.values()).groupby(["beta", "split"])["balanced_accuracy"].mean().unstack()
+        print(f"mean balanced accuracy over the {len(tables)} ensembles:\n{mean.to_string(float_format=lambda x: f'{x:.4f}')}")
+        print(f"beta chosen on the other ensembles' validation:\n{leave_one_out(tables).to_string(index=False, float_format=lambda x: f'{x:.4f}')}")
+    print("(a lab measurement: predict does not apply the prior)")
+    return 0
+
+
 def summarize_cmd(args) -> int:
     from skin_lesion.evaluate import summarize_runs
 

@@ -1,0 +1,136 @@
+"""A metadata prior: p(class | age, sex, body site) learnt on the training
+split, combined with a mean ensemble's decision by Bayes' rule.
+
+The decision layer (``stacking``) learns how far to trust age, sex and site
+from the validation split's few hundred lesions. This prior learns them from
+the run's training split instead (thousands of images): a multinomial
+logistic regression on the decision layer's metadata features, not
+class-balanced, so that it estimates p(class | metadata) under the training
+class mix. The ensemble's decision then moves by
+
+    beta * (log p(class | metadata) - log p(class))
+
+where p(class) is the training class frequency. With beta = 1 that is Bayes'
+rule for an image and metadata independent given the class; a smaller beta
+discounts what the two share (an image shows the body site and, partly, the
+age). It moves labels only, like logit adjustment; the calibrated
+probabilities stay the ensemble's. It scores an ensemble's saved predictions
+and writes ``metadata_prior.csv`` beside them: ``predict`` does not apply it.
+``dx_type`` is never an input (it nearly reveals the label).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from skin_lesion.calibration import class_frequency, decide
+from skin_lesion.data import METADATA_FILE, label_ids, read_metadata, resolve_data_dir
+from skin_lesion.info import CLASSES, DataError
+from skin_lesion.metrics import balanced_accuracy, lesion_resamples, macro_auc, percentile_interval
+from skin_lesion.runs import TEST, RunFolder
+from skin_lesion.stacking import metadata_features
+
+PRIOR_FILE = "metadata_prior.csv"
+
+
+class MetadataPrior:
+    """p(class | age, sex, site) from training rows, as a log-ratio to the training class frequency."""
+
+    def __init__(self, train: pd.DataFrame, C: float = 1.0):
+        from sklearn.linear_model import LogisticRegression
+
+        y = label_ids(train["dx"])
+        self.present = np.unique(y)
+        if len(self.present) < 2:
+            raise DataError("metadata prior: the training rows hold fewer than two classes; nothing to learn")
+        self.estimator = LogisticRegression(C=C, max_iter=2000).fit(metadata_features(train), y)
+        self.log_frequency = np.log(class_frequency(train["dx"]))
+
+    def log_ratio(self, frame: pd.DataFrame) -> np.ndarray:
+        """log p(class | metadata) - log p(class) for each row (rows x CLASSES); 0 for classes absent from training."""
+        out = np.zeros((len(frame), len(CLASSES)))
+        p = np.clip(self.estimator.predict_proba(metadata_features(frame)), 1e-6, 1)
+        out[:, self.present] = np.log(p) - self.log_frequency[self.present]
+        return out
+
+
+def training_rows(run: RunFolder, data: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The training rows of ``run``'s ``split.csv`` with their age, sex and site from the data folder's metadata."""
+    split = run.read_split()
+    if split is None or "split" not in split:
+        raise DataError(f"{run.split_file}: missing; a metadata prior needs the training split of a run")
+    root, _ = resolve_data_dir(data)
+    meta = read_metadata(root / METADATA_FILE)[["image_id", "age", "sex", "localization"]]
+    train = split.loc[split["split"] == "train", ["image_id", "dx"]].merge(meta, on="image_id", how="left", indicator=True)
+    absent = train.loc[train["_merge"] != "both", "image_id"].tolist()
+    if absent:
+        raise DataError(f"{root / METADATA_FILE}: {len(absent)} training image(s) of {run.split_file} are not listed, "
+                        f"e.g. {absent[0]}; pass --data to the folder the run was trained on")
+    return train.drop(columns="_merge")
+
+
+def fused_labels(probs: np.ndarray, offset: np.ndarray | None, log_ratio: np.ndarray, beta: float) -> np.ndarray:
+    """The argmax of log p + the ensemble's logit offset + beta x the prior's log-ratio."""
+    base = np.zeros(len(CLASSES)) if offset is None else np.asarray(offset, dtype=float)
+    return decide(probs, None, base + beta * log_ratio)
+
+
+def fused_probabilities(probs: np.ndarray, log_ratio: np.ndarray, beta: float) -> np.ndarray:
+    """The ensemble's probabilities moved by beta x the prior's log-ratio and renormalised (for AUC)."""
+    z = np.log(np.clip(probs, 1e-12, 1)) + beta * log_ratio
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def paired_interval(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray | None) -> tuple[float, float]:
+    """95% interval of balanced accuracy (labels b) - (labels a), over lesion-grouped resamples of the rows."""
+    draws = [balanced_accuracy(y[i], b[i]) - balanced_accuracy(y[i], a[i]) for i in lesion_resamples(len(y), groups)]
+    return percentile_interval(draws)
+
+
+def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: str | os.PathLike | None = None) -> pd.DataFrame:
+    """A mean ensemble's validation and test balanced accuracy (and macro AUC) with the prior at each beta.
+
+    The prior is fitted on the training rows of the ensemble's first member;
+    beta = 0 gives the ensemble's own labels. Test rows carry the paired 95%
+    interval of the change against beta = 0. Written to ``metadata_prior.csv``
+    in the ensemble's folder.
+    """
+    folder = RunFolder(ensemble)
+    members = folder.members()
+    if not members:
+        raise DataError(f"{folder.path}: not a mean ensemble (no members in its manifest.json); pass an `ensemble --out` folder")
+    prior = MetadataPrior(training_rows(members[0], data))
+    offset = folder.manifest().get("logit_offset")
+    rows = []
+    for split in ("val", TEST):
+        frame = folder.predictions(split)
+        y, probs = label_ids(frame["dx"]), frame[list(CLASSES)].to_numpy(dtype=float)
+        ratio = prior.log_ratio(frame)
+        groups = frame["lesion_id"].to_numpy() if "lesion_id" in frame else None
+        own = fused_labels(probs, offset, ratio, 0.0)
+        for beta in betas:
+            labels = fused_labels(probs, offset, ratio, beta)
+            low, high = paired_interval(y, own, labels, groups) if split == TEST and beta else (np.nan, np.nan)
+            rows.append(dict(split=split, beta=beta, n=len(y), balanced_accuracy=balanced_accuracy(y, labels),
+                             macro_auc=macro_auc(y, fused_probabilities(probs, ratio, beta)), change_low=low, change_high=high))
+    table = pd.DataFrame(rows)
+    folder.write_table(folder.path / PRIOR_FILE, table)
+    return table
+
+
+def leave_one_out(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """For each ensemble (a seed, say), the beta best on the others' mean validation
+    balanced accuracy (the smaller beta on a tie), and what it scores on the held-out
+    ensemble's validation and test: how a beta chosen this way does where it was not chosen."""
+    val = pd.DataFrame({name: t[t["split"] == "val"].set_index("beta")["balanced_accuracy"] for name, t in tables.items()}).sort_index()
+    rows = []
+    for name, table in tables.items():
+        others = val.drop(columns=name).mean(axis=1) if len(val.columns) > 1 else val[name]
+        beta = float(others.idxmax())
+        scores = table[table["beta"] == beta].set_index("split")["balanced_accuracy"]
+        rows.append(dict(held_out=name, beta=beta, val=float(scores["val"]), test=float(scores[TEST])))
+    return pd.DataFrame(rows)

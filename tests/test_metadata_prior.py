@@ -1,0 +1,102 @@
+"""The metadata prior: p(class | age, sex, site) from a run's training rows, moving a mean ensemble's labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import cli
+
+from skin_lesion.calibration import decide
+from skin_lesion.data import label_ids
+from skin_lesion.ensemble import mean_runs
+from skin_lesion.evaluate import prediction_table
+from skin_lesion.info import CLASSES, DataError
+from skin_lesion.metadata_prior import PRIOR_FILE, MetadataPrior, leave_one_out, score_metadata_prior
+from skin_lesion.metrics import balanced_accuracy
+
+SHARES = np.array([0.033, 0.051, 0.11, 0.011, 0.111, 0.67, 0.014])
+# each class's typical body site: the metadata says something the (noisy) image scores do not
+SITE_OF = dict(akiec="face", bcc="face", bkl="trunk", df="lower extremity", mel="back", nv="abdomen", vasc="upper extremity")
+
+
+def _metadata(rng, split: str, n: int) -> pd.DataFrame:
+    """HAM10000-shaped rows whose site follows the class four times in five, and whose age is older for akiec, bcc and bkl."""
+    dx = rng.choice(CLASSES, n, p=SHARES / SHARES.sum())
+    site = np.where(rng.random(n) < 0.8, [SITE_OF[d] for d in dx], "unknown")
+    age = np.where(np.isin(dx, ["akiec", "bcc", "bkl"]), 70.0, 40.0) + rng.choice([-5.0, 0.0, 5.0], n)
+    return pd.DataFrame({"lesion_id": [f"{split}L{i // 2}" for i in range(n)], "image_id": [f"{split}{i}" for i in range(n)], "dx": dx,
+                         "dx_type": "histo", "age": age, "sex": rng.choice(["male", "female"], n), "localization": site, "dataset": "synthetic"})
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """A data folder and two seeds' ensembles (one noisy run each, logit-adjusted as the study's)."""
+    root = tmp_path_factory.mktemp("prior")
+    data, ensembles = root / "data", []
+    data.mkdir()
+    tables = []
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        frames = {s: _metadata(rng, f"s{seed}{s}", n) for s, n in (("train", 3000), ("val", 800), ("test", 800))}
+        tables += list(frames.values())
+        run = root / f"run{seed}"
+        run.mkdir()
+        for split in ("val", "test"):
+            frame = frames[split]
+            z = rng.normal(scale=1.5, size=(len(frame), len(CLASSES))) + np.log(SHARES)
+            z[np.arange(len(frame)), label_ids(frame["dx"])] += 2.0
+            p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+            prediction_table(frame, p, p.argmax(1)).to_csv(run / ("predictions.csv" if split == "test" else "predictions_val.csv"), index=False)
+        pd.concat([f[["image_id", "lesion_id", "dx"]].assign(split=s) for s, f in frames.items()]).to_csv(run / "split.csv", index=False)
+        mean_runs([run], root / f"ens{seed}", logit_adjust=0.3)
+        ensembles.append(root / f"ens{seed}")
+    pd.concat(tables).to_csv(data / "HAM10000_metadata.csv", index=False)
+    return data, ensembles
+
+
+def test_prior_learns_the_site_and_age_signal_from_training_rows():
+    rng = np.random.default_rng(3)
+    train = _metadata(rng, "t", 3000)
+    prior = MetadataPrior(train)
+    face_old = pd.DataFrame({"age": [75.0], "sex": ["male"], "localization": ["face"]})
+    abdomen_young = pd.DataFrame({"age": [35.0], "sex": ["female"], "localization": ["abdomen"]})
+    r_face, r_abdomen = prior.log_ratio(face_old)[0], prior.log_ratio(abdomen_young)[0]
+    nv, bcc = CLASSES.index("nv"), CLASSES.index("bcc")
+    assert r_face[bcc] > 1 and r_face[nv] < -1  # an old face makes bcc likelier than its share, nv less likely
+    assert r_abdomen[nv] > 0 and r_abdomen[bcc] < -1
+    with pytest.raises(DataError, match="fewer than two classes"):
+        MetadataPrior(train.assign(dx="nv"))
+
+
+def test_beta_zero_is_the_ensembles_own_labels_and_the_prior_helps_where_metadata_informs(seeds):
+    data, ensembles = seeds
+    table = score_metadata_prior(ensembles[0], [0.0, 0.5, 1.0], data)
+    assert (ensembles[0] / PRIOR_FILE).exists() and list(table["split"].unique()) == ["val", "test"]
+    val = pd.read_csv(ensembles[0] / "predictions_val.csv")
+    offset = pd.read_json(ensembles[0] / "manifest.json", typ="series")["logit_offset"]
+    own = balanced_accuracy(label_ids(val["dx"]), decide(val[list(CLASSES)].to_numpy(), None, np.asarray(offset)))
+    at = table.set_index(["split", "beta"])["balanced_accuracy"]
+    assert at[("val", 0.0)] == pytest.approx(own)
+    assert at[("val", 1.0)] > at[("val", 0.0)] + 0.05 and at[("test", 1.0)] > at[("test", 0.0)] + 0.05
+    test = table[table["split"] == "test"].set_index("beta")
+    assert np.isnan(test.loc[0.0, "change_low"]) and 0 < test.loc[1.0, "change_low"] < test.loc[1.0, "change_high"]
+
+    choice = leave_one_out({str(e): score_metadata_prior(e, [0.0, 0.5, 1.0], data) for e in ensembles})
+    assert list(choice["held_out"]) == list(map(str, ensembles)) and (choice["beta"] > 0).all()
+
+
+def test_metadata_prior_command_and_its_errors(seeds, tmp_path):
+    data, ensembles = seeds
+    res = cli("metadata-prior", *map(str, ensembles), "--beta", "0", "1", "--data", str(data))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "mean balanced accuracy over the 2 ensembles" in res.stdout and "beta chosen on the other ensembles' validation" in res.stdout and "predict does not apply" in res.stdout
+    # a member's run (no members in its manifest) is not an ensemble
+    res = cli("metadata-prior", str(ensembles[0].parent / "run0"), "--data", str(data))
+    assert res.returncode == 2 and "not a mean ensemble" in res.stderr
+    # a data folder that does not list the run's training images
+    other = tmp_path / "other"
+    other.mkdir()
+    pd.read_csv(data / "HAM10000_metadata.csv").iloc[:10].to_csv(other / "HAM10000_metadata.csv", index=False)
+    res = cli("metadata-prior", str(ensembles[0]), "--data", str(other))
+    assert res.returncode == 2 and "HAM10000_metadata.csv" in res.stderr and "pass --data" in res.stderr
