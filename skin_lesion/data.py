@@ -28,6 +28,7 @@ from skin_lesion.info import (
     ISIC_COLUMNS,
     METADATA_FILE,
     REQUIRED_COLUMNS,
+    SITES,
     SYNTHETIC_LABEL,
     DataError,
 )
@@ -139,6 +140,20 @@ def metadata_problems(df: pd.DataFrame, csv: Path) -> list[str]:
     if df["lesion_id"].isna().any() or df["image_id"].isna().any():
         out.append(f"{csv}: empty lesion_id or image_id in rows {df.index[df[['lesion_id', 'image_id']].isna().any(axis=1)].tolist()[:5]}")
     return out
+
+
+def metadata_features(frame: pd.DataFrame) -> np.ndarray:
+    """Age (scaled, squared, missing flag), sex and body site one-hot: what a
+    clinician knows before the biopsy. Never ``dx_type``, which reveals the label."""
+    def column(name: str) -> pd.Series:  # an absent column reads as all unknown
+        return frame[name] if name in frame else pd.Series([None] * len(frame), index=frame.index)
+
+    age = pd.to_numeric(column("age"), errors="coerce").to_numpy(dtype=float)
+    missing = np.isnan(age)
+    a = np.where(missing, 50.0, age) / 100
+    sex = np.stack([column("sex").eq(s).to_numpy() for s in ("male", "female")], 1)
+    site = np.stack([column("localization").eq(s).to_numpy() for s in SITES], 1)
+    return np.column_stack([a, a**2, missing, sex, site]).astype(float)
 
 
 def load_dataset(data: str | os.PathLike | None = None, verify_images: bool = False) -> Dataset:

@@ -27,11 +27,10 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion.calibration import class_frequency, decide
-from skin_lesion.data import METADATA_FILE, label_ids, read_metadata, resolve_data_dir
+from skin_lesion.data import METADATA_FILE, label_ids, metadata_features, read_metadata, resolve_data_dir
 from skin_lesion.info import CLASSES, DataError
 from skin_lesion.metrics import balanced_accuracy, lesion_resamples, macro_auc, percentile_interval
 from skin_lesion.runs import TEST, RunFolder
-from skin_lesion.stacking import metadata_features
 
 PRIOR_FILE = "metadata_prior.csv"
 

@@ -19,28 +19,14 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion.calibration import decide, mel_recall_at, mel_threshold, operating_point
-from skin_lesion.data import label_ids
+from skin_lesion.data import label_ids, metadata_features
 from skin_lesion.ensemble import aligned_probabilities, score_runs_external
 from skin_lesion.evaluate import prediction_table
-from skin_lesion.info import CLASSES, SITES, DataError
+from skin_lesion.info import CLASSES, DataError
 from skin_lesion.metrics import balanced_accuracy, classification_metrics, lesion_bootstrap
 from skin_lesion.runs import TEST, RunFolder
 
 log = logging.getLogger("skin_lesion")
-
-
-def metadata_features(frame: pd.DataFrame) -> np.ndarray:
-    """Age (scaled, squared, missing flag), sex and body site one-hot: what a
-    clinician knows before the biopsy. Never ``dx_type``, which reveals the label."""
-    def column(name: str) -> pd.Series:  # an absent column reads as all unknown
-        return frame[name] if name in frame else pd.Series([None] * len(frame), index=frame.index)
-
-    age = pd.to_numeric(column("age"), errors="coerce").to_numpy(dtype=float)
-    missing = np.isnan(age)
-    a = np.where(missing, 50.0, age) / 100
-    sex = np.stack([column("sex").eq(s).to_numpy() for s in ("male", "female")], 1)
-    site = np.stack([column("localization").eq(s).to_numpy() for s in SITES], 1)
-    return np.column_stack([a, a**2, missing, sex, site]).astype(float)
 
 
 def stack_inputs(probs: list[np.ndarray], frame: pd.DataFrame | None, metadata: bool) -> np.ndarray:

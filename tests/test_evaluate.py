@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 
 from skin_lesion.calibration import apply_temperature, decide, fit_temperature, mel_threshold
-from skin_lesion.data import label_ids, read_labels
+from skin_lesion.data import label_ids, metadata_features, read_labels
 from skin_lesion.ensemble import mean_runs
 from skin_lesion.evaluate import prediction_table
 from skin_lesion.info import CLASSES, MEL, DataError
 from skin_lesion.metrics import age_band, binary_auc, classification_metrics, expected_calibration_error, lesion_bootstrap, subgroup_table
 from skin_lesion.runs import RunFolder, training_minutes
-from skin_lesion.stacking import fit_decision_layer, metadata_features, score_decision_layer
+from skin_lesion.stacking import fit_decision_layer, score_decision_layer
 from skin_lesion.study import logit_adjust_scan
 
 

@@ -100,3 +100,13 @@ def test_metadata_prior_command_and_its_errors(seeds, tmp_path):
     pd.read_csv(data / "HAM10000_metadata.csv").iloc[:10].to_csv(other / "HAM10000_metadata.csv", index=False)
     res = cli("metadata-prior", str(ensembles[0]), "--data", str(other))
     assert res.returncode == 2 and "HAM10000_metadata.csv" in res.stderr and "pass --data" in res.stderr
+
+
+def test_the_prior_needs_no_tensorflow():
+    """It reads saved predictions: scoring a prior must not pay TensorFlow's start-up."""
+    import subprocess
+    import sys
+
+    code = "import sys, skin_lesion.metadata_prior; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
