@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("ensembles", nargs="+", help="mean ensembles' folders (`ensemble --out`), one per seed, say")
     mp.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="weights of the prior's log-ratio to try (0: the ensemble's own labels)")
-    mp.add_argument("--data", help="the data folder the ensemble's runs were trained on (default: $SKIN_LESION_DATA)")
+    mp.add_argument("--data", help="the data folder the runs were trained on (default: the first member run's, else $SKIN_LESION_DATA)")
     mp.set_defaults(func=commands.metadata_prior_cmd)
 
     su = sub.add_parser("summarize", help="test metrics of several runs (seeds, folds) side by side, with mean and sd")

@@ -341,18 +341,12 @@ def ensemble_cmd(args) -> int:
 
 
 def metadata_prior_cmd(args) -> int:
-    import pandas as pd
+    from skin_lesion.metadata_prior import PRIOR_FILE, score_ensembles, summary_text
 
-    from skin_lesion.metadata_prior import PRIOR_FILE, leave_one_out, score_metadata_prior
-
-    tables = {e: score_metadata_prior(e, args.beta, args.data) for e in args.ensembles}
+    tables = score_ensembles(args.ensembles, args.beta, args.data)
     for e, table in tables.items():
         print(f"{e} -> {Path(e) / PRIOR_FILE}\n{table.to_string(index=False, float_format=lambda x: f'{x:.4f}')}")
-    if len(tables) > 1:
-        mean = pd.concat(tables.values()).groupby(["beta", "split"])["balanced_accuracy"].mean().unstack()
-        print(f"mean balanced accuracy over the {len(tables)} ensembles:\n{mean.to_string(float_format=lambda x: f'{x:.4f}')}")
-        print(f"beta chosen on the other ensembles' validation:\n{leave_one_out(tables).to_string(index=False, float_format=lambda x: f'{x:.4f}')}")
-    print("(a lab measurement: predict does not apply the prior)")
+    print(f"{summary_text(tables)}\n" if len(tables) > 1 else "", end="(a lab measurement: predict does not apply the prior)\n")
     return 0
 
 

@@ -22,29 +22,31 @@ and writes ``metadata_prior.csv`` beside them: ``predict`` does not apply it.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from skin_lesion.calibration import class_frequency, decide
 from skin_lesion.data import METADATA_FILE, label_ids, metadata_features, read_metadata, resolve_data_dir
-from skin_lesion.info import CLASSES, DataError
+from skin_lesion.info import CLASSES, DataError, UserError
 from skin_lesion.metrics import balanced_accuracy, lesion_resamples, macro_auc, percentile_interval
 from skin_lesion.runs import TEST, RunFolder
 
 PRIOR_FILE = "metadata_prior.csv"
+METADATA_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
 
 
 class MetadataPrior:
     """p(class | age, sex, site) from training rows, as a log-ratio to the training class frequency."""
 
-    def __init__(self, train: pd.DataFrame, C: float = 1.0):
+    def __init__(self, train: pd.DataFrame, C: float = 1.0) -> None:
         from sklearn.linear_model import LogisticRegression
 
         y = label_ids(train["dx"])
         self.present = np.unique(y)
         if len(self.present) < 2:
-            raise DataError("metadata prior: the training rows hold fewer than two classes; nothing to learn")
+            raise DataError("metadata prior: the training rows hold fewer than two classes; fit it on a run's training split")
         self.estimator = LogisticRegression(C=C, max_iter=2000).fit(metadata_features(train), y)
         self.log_frequency = np.log(class_frequency(train["dx"]))
 
@@ -57,18 +59,36 @@ class MetadataPrior:
 
 
 def training_rows(run: RunFolder, data: str | os.PathLike | None = None) -> pd.DataFrame:
-    """The training rows of ``run``'s ``split.csv`` with their age, sex and site from the data folder's metadata."""
+    """The training rows of ``run``'s ``split.csv`` with their age, sex and site from the
+    data folder's metadata (``data``, else the run's own, else ``resolve_data_dir``'s default)."""
     split = run.read_split()
-    if split is None or "split" not in split:
-        raise DataError(f"{run.split_file}: missing; a metadata prior needs the training split of a run")
+    if split is None:
+        raise DataError(f"{run.split_file}: missing; a metadata prior needs the training split of a run (pass `ensemble --out` folders of trained runs)")
+    if "split" not in split:
+        raise DataError(f"{run.split_file}: no split column (a k-fold run); a metadata prior needs a run with a train split")
+    split = split[split["split"] == "train"]
+    if split["dx"].nunique() < 2:
+        raise DataError(f"{run.split_file}: {len(split)} training row(s) of {split['dx'].nunique()} class(es); a metadata prior needs a run with a train split")
+    if data is None and run.config_file.exists():
+        data = run.config().data
     root, _ = resolve_data_dir(data)
-    meta = read_metadata(root / METADATA_FILE)[["image_id", "age", "sex", "localization"]]
-    train = split.loc[split["split"] == "train", ["image_id", "dx"]].merge(meta, on="image_id", how="left", indicator=True)
+    meta = read_metadata(root / METADATA_FILE)[["image_id", *METADATA_COLUMNS]]
+    train = split[["image_id", "dx"]].merge(meta, on="image_id", how="left", indicator=True)
     absent = train.loc[train["_merge"] != "both", "image_id"].tolist()
     if absent:
         raise DataError(f"{root / METADATA_FILE}: {len(absent)} training image(s) of {run.split_file} are not listed, "
                         f"e.g. {absent[0]}; pass --data to the folder the run was trained on")
     return train.drop(columns="_merge")
+
+
+def scored_rows(folder: RunFolder, split: str) -> pd.DataFrame:
+    """An ensemble's saved predictions on ``split``, which must carry the metadata the prior reads."""
+    frame = folder.predictions(split)
+    missing = [c for c in METADATA_COLUMNS if c not in frame]
+    if missing:
+        raise DataError(f"{folder.predictions_file(split)}: no {', '.join(missing)} column(s); "
+                        "rebuild the ensemble (`ensemble --out`) from runs evaluated on a data folder whose metadata has them")
+    return frame
 
 
 def fused_labels(probs: np.ndarray, offset: np.ndarray | None, log_ratio: np.ndarray, beta: float) -> np.ndarray:
@@ -106,7 +126,7 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
     offset = folder.manifest().get("logit_offset")
     rows = []
     for split in ("val", TEST):
-        frame = folder.predictions(split)
+        frame = scored_rows(folder, split)
         y, probs = label_ids(frame["dx"]), frame[list(CLASSES)].to_numpy(dtype=float)
         ratio = prior.log_ratio(frame)
         groups = frame["lesion_id"].to_numpy() if "lesion_id" in frame else None
@@ -121,15 +141,46 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
     return table
 
 
+def score_ensembles(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None) -> dict[str, pd.DataFrame]:
+    """``score_metadata_prior`` for each of several distinct ensembles (one per seed, say), each beta once."""
+    folders = [Path(e).resolve() for e in ensembles]
+    if len(set(folders)) < len(folders) or min(betas) < 0:
+        raise UserError("metadata-prior: name each ensemble once, and give betas of 0 or more")
+    return {e: score_metadata_prior(e, sorted(set(betas)), data) for e in ensembles}
+
+
+def chosen_beta(validation: pd.Series) -> float:
+    """The beta with the highest mean validation balanced accuracy (index: beta); the smaller on a tie."""
+    return float(validation.sort_index().round(12).idxmax())
+
+
+def validation_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Validation balanced accuracy, one row per beta, one column per ensemble."""
+    return pd.DataFrame({name: t[t["split"] == "val"].set_index("beta")["balanced_accuracy"] for name, t in tables.items()}).sort_index()
+
+
 def leave_one_out(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """For each ensemble (a seed, say), the beta best on the others' mean validation
     balanced accuracy (the smaller beta on a tie), and what it scores on the held-out
     ensemble's validation and test: how a beta chosen this way does where it was not chosen."""
-    val = pd.DataFrame({name: t[t["split"] == "val"].set_index("beta")["balanced_accuracy"] for name, t in tables.items()}).sort_index()
+    val = validation_table(tables)
     rows = []
     for name, table in tables.items():
-        others = val.drop(columns=name).mean(axis=1) if len(val.columns) > 1 else val[name]
-        beta = float(others.idxmax())
+        beta = chosen_beta(val.drop(columns=name).mean(axis=1) if len(val.columns) > 1 else val[name])
         scores = table[table["beta"] == beta].set_index("split")["balanced_accuracy"]
         rows.append(dict(held_out=name, beta=beta, val=float(scores["val"]), test=float(scores[TEST])))
     return pd.DataFrame(rows)
+
+
+def summary_text(tables: dict[str, pd.DataFrame]) -> str:
+    """What ``metadata-prior`` prints over several ensembles: the mean at each beta, the beta
+    all of their validation chooses, and the leave-one-out choice."""
+    def fmt(frame: pd.DataFrame, index: bool = True) -> str:
+        return frame.to_string(index=index, float_format=lambda x: f"{x:.4f}")
+
+    mean = pd.concat(tables.values()).groupby(["beta", "split"])["balanced_accuracy"].mean().unstack()[["val", TEST]]
+    held = leave_one_out(tables)
+    return (f"mean balanced accuracy over the {len(tables)} ensembles:\n{fmt(mean)}\n"
+            f"beta chosen on all {len(tables)} ensembles' validation: {chosen_beta(validation_table(tables).mean(axis=1)):g}\n"
+            f"beta chosen on the other ensembles' validation (held-out mean: validation {held['val'].mean():.4f}, test {held['test'].mean():.4f}):\n"
+            f"{fmt(held, index=False)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +14,9 @@ from skin_lesion.data import label_ids
 from skin_lesion.ensemble import mean_runs
 from skin_lesion.evaluate import prediction_table
 from skin_lesion.info import CLASSES, DataError
-from skin_lesion.metadata_prior import PRIOR_FILE, MetadataPrior, leave_one_out, score_metadata_prior
-from skin_lesion.metrics import balanced_accuracy
+from skin_lesion.metadata_prior import PRIOR_FILE, MetadataPrior, fused_labels, leave_one_out, score_metadata_prior, training_rows
+from skin_lesion.metrics import balanced_accuracy, lesion_resamples, percentile_interval
+from skin_lesion.runs import RunFolder
 
 SHARES = np.array([0.033, 0.051, 0.11, 0.011, 0.111, 0.67, 0.014])
 # each class's typical body site: the metadata says something the (noisy) image scores do not
@@ -65,6 +68,13 @@ def test_prior_learns_the_site_and_age_signal_from_training_rows():
     nv, bcc = CLASSES.index("nv"), CLASSES.index("bcc")
     assert r_face[bcc] > 1 and r_face[nv] < -1  # an old face makes bcc likelier than its share, nv less likely
     assert r_abdomen[nv] > 0 and r_abdomen[bcc] < -1
+    # a prior fitted on rows that say nothing (every site unknown, one age) is the class mix itself: log-ratio 0,
+    # as it is only when the fit is not class-balanced and the training class share is taken out
+    blank = MetadataPrior(train.assign(localization="unknown", age=50.0, sex="male"))
+    assert np.abs(blank.log_ratio(face_old)).max() < 0.02
+    # a class absent from training (df) stays where the ensemble put it; the others keep their signal
+    no_df = MetadataPrior(train[train["dx"] != "df"]).log_ratio(face_old)[0]
+    assert no_df[CLASSES.index("df")] == 0 and no_df[bcc] > 1 and no_df[nv] < -1
     with pytest.raises(DataError, match="fewer than two classes"):
         MetadataPrior(train.assign(dx="nv"))
 
@@ -73,27 +83,71 @@ def test_beta_zero_is_the_ensembles_own_labels_and_the_prior_helps_where_metadat
     data, ensembles = seeds
     table = score_metadata_prior(ensembles[0], [0.0, 0.5, 1.0], data)
     assert (ensembles[0] / PRIOR_FILE).exists() and list(table["split"].unique()) == ["val", "test"]
-    val = pd.read_csv(ensembles[0] / "predictions_val.csv")
-    offset = pd.read_json(ensembles[0] / "manifest.json", typ="series")["logit_offset"]
-    own = balanced_accuracy(label_ids(val["dx"]), decide(val[list(CLASSES)].to_numpy(), None, np.asarray(offset)))
+    # the prior learns from the training rows alone, with their metadata from the data folder
+    train = training_rows(RunFolder(ensembles[0].parent / "run0"), data)
+    assert len(train) == 3000 and train["image_id"].str.startswith("s0train").all() and train[["age", "sex", "localization"]].notna().all().all()
+    # beta 0 is the ensemble's own record, logit offset included, on validation and test
+    record = RunFolder(ensembles[0]).metrics()
     at = table.set_index(["split", "beta"])["balanced_accuracy"]
-    assert at[("val", 0.0)] == pytest.approx(own)
+    assert at[("val", 0.0)] == pytest.approx(record["validation"]["balanced_accuracy"])
+    assert at[("test", 0.0)] == pytest.approx(record["calibrated"]["balanced_accuracy"])
     assert at[("val", 1.0)] > at[("val", 0.0)] + 0.05 and at[("test", 1.0)] > at[("test", 0.0)] + 0.05
     test = table[table["split"] == "test"].set_index("beta")
     assert np.isnan(test.loc[0.0, "change_low"]) and 0 < test.loc[1.0, "change_low"] < test.loc[1.0, "change_high"]
+    # the interval resamples lesions (two images each here), pairing the two labellings in each draw
+    rows = pd.read_csv(ensembles[0] / "predictions.csv")
+    y, probs = label_ids(rows["dx"]), rows[list(CLASSES)].to_numpy()
+    offset = np.asarray(RunFolder(ensembles[0]).manifest()["logit_offset"])
+    ratio = MetadataPrior(train).log_ratio(rows)
+    a, b = fused_labels(probs, offset, ratio, 0.0), fused_labels(probs, offset, ratio, 1.0)
+    draws = [balanced_accuracy(y[i], b[i]) - balanced_accuracy(y[i], a[i]) for i in lesion_resamples(len(y), rows["lesion_id"].to_numpy())]
+    assert (test.loc[1.0, "change_low"], test.loc[1.0, "change_high"]) == pytest.approx(percentile_interval(draws))
+    assert list(b) != list(decide(probs, None, offset))
 
     choice = leave_one_out({str(e): score_metadata_prior(e, [0.0, 0.5, 1.0], data) for e in ensembles})
     assert list(choice["held_out"]) == list(map(str, ensembles)) and (choice["beta"] > 0).all()
+
+
+def _tables(val: dict[float, list[float]]) -> dict[str, pd.DataFrame]:
+    """Hand-made per-ensemble tables: validation scores by beta, test = validation + 0.1."""
+    out = {}
+    for k in range(len(next(iter(val.values())))):
+        rows = [dict(split=s, beta=b, balanced_accuracy=v[k] + (0.1 if s == "test" else 0)) for s in ("val", "test") for b, v in val.items()]
+        out[f"e{k}"] = pd.DataFrame(rows)
+    return out
+
+
+def test_leave_one_out_chooses_on_the_others_and_the_smaller_beta_on_a_tie():
+    # e0's own validation would pick beta 1; the others' mean picks 0.5
+    tables = _tables({0.0: [0.70, 0.70, 0.70], 0.5: [0.70, 0.75, 0.75], 1.0: [0.90, 0.72, 0.72]})
+    held = leave_one_out(tables).set_index("held_out")
+    assert held.loc["e0", "beta"] == 0.5 and held.loc["e0", "val"] == pytest.approx(0.70) and held.loc["e0", "test"] == pytest.approx(0.80)
+    # the others tie between 0.5 and 1.0: the smaller wins
+    tie = leave_one_out(_tables({0.0: [0.70, 0.70], 0.5: [0.75, 0.75], 1.0: [0.75, 0.75]}))
+    assert (tie["beta"] == 0.5).all()
 
 
 def test_metadata_prior_command_and_its_errors(seeds, tmp_path):
     data, ensembles = seeds
     res = cli("metadata-prior", *map(str, ensembles), "--beta", "0", "1", "--data", str(data))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "mean balanced accuracy over the 2 ensembles" in res.stdout and "beta chosen on the other ensembles' validation" in res.stdout and "predict does not apply" in res.stdout
+    out = res.stdout
+    assert "mean balanced accuracy over the 2 ensembles" in out and "beta chosen on all 2 ensembles' validation: 1" in out
+    assert "beta chosen on the other ensembles' validation" in out and "predict does not apply" in out
     # a member's run (no members in its manifest) is not an ensemble
     res = cli("metadata-prior", str(ensembles[0].parent / "run0"), "--data", str(data))
     assert res.returncode == 2 and "not a mean ensemble" in res.stderr
+    # the same ensemble twice would let a seed choose its own beta; a negative beta makes no sense
+    for bad in ([str(ensembles[0]), str(ensembles[0]) + "/"], [str(ensembles[0]), "--beta", "-1"]):
+        res = cli("metadata-prior", *bad, "--data", str(data))
+        assert res.returncode == 2 and "name each ensemble once" in res.stderr
+    # predictions without the metadata the prior reads
+    bare = tmp_path / "bare"
+    shutil.copytree(ensembles[0], bare)
+    (bare / "manifest.json").write_text((ensembles[0] / "manifest.json").read_text().replace("../run0", str(ensembles[0].parent / "run0")))
+    pd.read_csv(bare / "predictions_val.csv").drop(columns=["sex"]).to_csv(bare / "predictions_val.csv", index=False)
+    res = cli("metadata-prior", str(bare), "--data", str(data))
+    assert res.returncode == 2 and "predictions_val.csv: no sex column" in res.stderr
     # a data folder that does not list the run's training images
     other = tmp_path / "other"
     other.mkdir()
