@@ -30,7 +30,7 @@ import pandas as pd
 from skin_lesion.calibration import class_frequency, decide
 from skin_lesion.data import METADATA_FILE, label_ids, metadata_features, read_metadata, resolve_data_dir
 from skin_lesion.info import CLASSES, DataError, UserError
-from skin_lesion.metrics import balanced_accuracy, lesion_resamples, macro_auc, percentile_interval
+from skin_lesion.metrics import balanced_accuracy, lesion_interval, macro_auc
 from skin_lesion.runs import TEST, RunFolder
 
 PRIOR_FILE = "metadata_prior.csv"
@@ -106,8 +106,7 @@ def fused_probabilities(probs: np.ndarray, log_ratio: np.ndarray, beta: float) -
 
 def paired_interval(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray | None) -> tuple[float, float]:
     """95% interval of balanced accuracy (labels b) - (labels a), over lesion-grouped resamples of the rows."""
-    draws = [balanced_accuracy(y[i], b[i]) - balanced_accuracy(y[i], a[i]) for i in lesion_resamples(len(y), groups)]
-    return percentile_interval(draws)
+    return lesion_interval(lambda i: balanced_accuracy(y[i], b[i]) - balanced_accuracy(y[i], a[i]), len(y), groups)
 
 
 def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: str | os.PathLike | None = None) -> pd.DataFrame:
@@ -181,6 +180,6 @@ def summary_text(tables: dict[str, pd.DataFrame]) -> str:
     mean = pd.concat(tables.values()).groupby(["beta", "split"])["balanced_accuracy"].mean().unstack()[["val", TEST]]
     held = leave_one_out(tables)
     return (f"mean balanced accuracy over the {len(tables)} ensembles:\n{fmt(mean)}\n"
-            f"beta chosen on all {len(tables)} ensembles' validation: {chosen_beta(validation_table(tables).mean(axis=1)):g}\n"
+            f"beta chosen on all {len(tables)} ensembles' validation: {chosen_beta(mean['val']):g}\n"
             f"beta chosen on the other ensembles' validation (held-out mean: validation {held['val'].mean():.4f}, test {held['test'].mean():.4f}):\n"
             f"{fmt(held, index=False)}")
