@@ -341,12 +341,9 @@ def ensemble_cmd(args) -> int:
 
 
 def metadata_prior_cmd(args) -> int:
-    from skin_lesion.metadata_prior import PRIOR_FILE, score_ensembles, summary_text
+    from skin_lesion.metadata_prior import measure
 
-    tables = score_ensembles(args.ensembles, args.beta, args.data)
-    for e, table in tables.items():
-        print(f"{e} -> {Path(e) / PRIOR_FILE}\n{table.to_string(index=False, float_format=lambda x: f'{x:.4f}')}")
-    print(f"{summary_text(tables)}\n" if len(tables) > 1 else "", end="(a lab measurement: predict does not apply the prior)\n")
+    print(measure(args.ensembles, args.beta, args.data))
     return 0
 
 

@@ -15,7 +15,9 @@ rule for an image and metadata independent given the class; a smaller beta
 discounts what the two share (an image shows the body site and, partly, the
 age). It moves labels only, like logit adjustment; the calibrated
 probabilities stay the ensemble's. It scores an ensemble's saved predictions
-and writes ``metadata_prior.csv`` beside them: ``predict`` does not apply it.
+and writes ``metadata_prior.csv`` beside them, and, because it decides partly
+by who the patient is, ``metadata_prior_groups.csv``: the test figures by sex
+and age band with and without it. ``predict`` does not apply it.
 ``dx_type`` is never an input (it nearly reveals the label).
 """
 
@@ -29,11 +31,12 @@ import pandas as pd
 
 from skin_lesion.calibration import class_frequency, decide
 from skin_lesion.data import METADATA_FILE, label_ids, metadata_features, read_metadata, resolve_data_dir
-from skin_lesion.info import CLASSES, DataError, UserError
-from skin_lesion.metrics import balanced_accuracy, lesion_interval, macro_auc
+from skin_lesion.info import AGE_BANDS, CLASSES, MEL, DataError, UserError
+from skin_lesion.metrics import age_band, balanced_accuracy, lesion_interval, macro_auc
 from skin_lesion.runs import TEST, RunFolder
 
 PRIOR_FILE = "metadata_prior.csv"
+GROUPS_FILE = "metadata_prior_groups.csv"
 METADATA_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
 
 
@@ -109,6 +112,14 @@ def paired_interval(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndar
     return lesion_interval(lambda i: balanced_accuracy(y[i], b[i]) - balanced_accuracy(y[i], a[i]), len(y), groups)
 
 
+def ensemble_prior(folder: RunFolder, data: str | os.PathLike | None = None) -> tuple[MetadataPrior, np.ndarray | None]:
+    """The prior fitted on the training rows of a mean ensemble's first member, and the ensemble's logit offset."""
+    members = folder.members()
+    if not members:
+        raise DataError(f"{folder.path}: not a mean ensemble (no members in its manifest.json); pass an `ensemble --out` folder")
+    return MetadataPrior(training_rows(members[0], data)), folder.manifest().get("logit_offset")
+
+
 def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: str | os.PathLike | None = None) -> pd.DataFrame:
     """A mean ensemble's validation and test balanced accuracy (and macro AUC) with the prior at each beta.
 
@@ -118,11 +129,7 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
     in the ensemble's folder.
     """
     folder = RunFolder(ensemble)
-    members = folder.members()
-    if not members:
-        raise DataError(f"{folder.path}: not a mean ensemble (no members in its manifest.json); pass an `ensemble --out` folder")
-    prior = MetadataPrior(training_rows(members[0], data))
-    offset = folder.manifest().get("logit_offset")
+    prior, offset = ensemble_prior(folder, data)
     rows = []
     for split in ("val", TEST):
         frame = scored_rows(folder, split)
@@ -140,6 +147,44 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
     return table
 
 
+def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Test balanced accuracy and melanomas labelled melanoma (at the argmax) by sex and by age band,
+    the ensemble's own labels against the prior's at ``beta``: who pays for an overall gain, since
+    the prior moves a label towards what is common for the patient. Written to ``metadata_prior_groups.csv``."""
+    folder = RunFolder(ensemble)
+    prior, offset = ensemble_prior(folder, data)
+    frame = scored_rows(folder, TEST)
+    y, probs = label_ids(frame["dx"]), frame[list(CLASSES)].to_numpy(dtype=float)
+    ratio = prior.log_ratio(frame)
+    labels = {"ensemble": fused_labels(probs, offset, ratio, 0.0), "prior": fused_labels(probs, offset, ratio, beta)}
+    groupings = {"sex": frame["sex"].fillna("unknown").astype(str).to_numpy(), "age_band": age_band(frame["age"]).to_numpy()}
+    rows = []
+    for by, values in groupings.items():
+        order = AGE_BANDS if by == "age_band" else sorted(set(values))
+        for group in (g for g in order if (values == g).any()):
+            k = values == group
+            row = dict(beta=beta, by=by, group=group, n=int(k.sum()), melanomas=int((y[k] == MEL).sum()))
+            for name, lab in labels.items():
+                row[f"balanced_accuracy_{name}"] = balanced_accuracy(y[k], lab[k])
+                row[f"melanomas_found_{name}"] = int((lab[k][y[k] == MEL] == MEL).sum())
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    folder.write_table(folder.path / GROUPS_FILE, table)
+    return table
+
+
+def groups_text(tables: list[pd.DataFrame]) -> str:
+    """Several ensembles' group tables as one: mean images and balanced accuracy per group, melanomas summed."""
+    both = pd.concat(tables)
+    keys = list(dict.fromkeys(zip(both["by"], both["group"])))  # each table's own order: sexes, then age bands
+    g = both.groupby(["by", "group"], sort=False)
+    out = pd.DataFrame({"images per ensemble": g["n"].mean().round().astype(int), "ensemble": g["balanced_accuracy_ensemble"].mean(), "prior": g["balanced_accuracy_prior"].mean()})
+    out["change"] = out["prior"] - out["ensemble"]
+    found = g[["melanomas_found_ensemble", "melanomas_found_prior", "melanomas"]].sum()
+    out["melanomas found (ensemble -> prior, of)"] = [f"{a} -> {b} of {n}" for a, b, n in found.to_numpy()]
+    return out.loc[keys].to_string(float_format=lambda x: f"{x:.3f}")
+
+
 def score_ensembles(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None) -> dict[str, pd.DataFrame]:
     """``score_metadata_prior`` for each of several distinct ensembles (one per seed, say), each beta once."""
     folders = [Path(e).resolve() for e in ensembles]
@@ -151,6 +196,11 @@ def score_ensembles(ensembles: list[str], betas: list[float], data: str | os.Pat
 def chosen_beta(validation: pd.Series) -> float:
     """The beta with the highest mean validation balanced accuracy (index: beta); the smaller on a tie."""
     return float(validation.sort_index().round(12).idxmax())
+
+
+def deployed_beta(tables: dict[str, pd.DataFrame]) -> float:
+    """The beta the study would deploy: the best on all the ensembles' mean validation (the smaller on a tie)."""
+    return chosen_beta(validation_table(tables).mean(axis=1))
 
 
 def validation_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -180,6 +230,20 @@ def summary_text(tables: dict[str, pd.DataFrame]) -> str:
     mean = pd.concat(tables.values()).groupby(["beta", "split"])["balanced_accuracy"].mean().unstack()[["val", TEST]]
     held = leave_one_out(tables)
     return (f"mean balanced accuracy over the {len(tables)} ensembles:\n{fmt(mean)}\n"
-            f"beta chosen on all {len(tables)} ensembles' validation: {chosen_beta(mean['val']):g}\n"
+            f"beta chosen on all {len(tables)} ensembles' validation: {deployed_beta(tables):g}\n"
             f"beta chosen on the other ensembles' validation (held-out mean: validation {held['val'].mean():.4f}, test {held['test'].mean():.4f}):\n"
             f"{fmt(held, index=False)}")
+
+
+def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None) -> str:
+    """What ``metadata-prior`` does and prints: each ensemble's table, over several the mean and the
+    choices of beta, and the test figures by sex and age band at the deployed beta (each written beside its ensemble)."""
+    tables = score_ensembles(ensembles, betas, data)
+    parts = [f"{e} -> {Path(e) / PRIOR_FILE}\n{t.to_string(index=False, float_format=lambda x: f'{x:.4f}')}" for e, t in tables.items()]
+    if len(tables) > 1:
+        parts.append(summary_text(tables))
+    beta = deployed_beta(tables)
+    groups = [group_table(e, beta, data) for e in tables]
+    parts.append(f"test by sex and age band at beta {beta:g} (balanced accuracy: mean over the ensembles; "
+                 f"melanomas labelled melanoma at the argmax: summed; each in {GROUPS_FILE}):\n{groups_text(groups)}")
+    return "\n".join(parts) + "\n(a lab measurement: predict does not apply the prior)"

@@ -13,9 +13,19 @@ from skin_lesion.calibration import decide
 from skin_lesion.data import label_ids
 from skin_lesion.ensemble import mean_runs
 from skin_lesion.evaluate import prediction_table
-from skin_lesion.info import CLASSES, DataError
-from skin_lesion.metadata_prior import PRIOR_FILE, MetadataPrior, fused_labels, leave_one_out, score_metadata_prior, training_rows
-from skin_lesion.metrics import balanced_accuracy, lesion_resamples, percentile_interval
+from skin_lesion.info import CLASSES, MEL, DataError
+from skin_lesion.metadata_prior import (
+    GROUPS_FILE,
+    PRIOR_FILE,
+    MetadataPrior,
+    fused_labels,
+    group_table,
+    groups_text,
+    leave_one_out,
+    score_metadata_prior,
+    training_rows,
+)
+from skin_lesion.metrics import age_band, balanced_accuracy, lesion_resamples, percentile_interval
 from skin_lesion.runs import RunFolder
 
 SHARES = np.array([0.033, 0.051, 0.11, 0.011, 0.111, 0.67, 0.014])
@@ -108,6 +118,33 @@ def test_beta_zero_is_the_ensembles_own_labels_and_the_prior_helps_where_metadat
     assert list(choice["held_out"]) == list(map(str, ensembles)) and (choice["beta"] > 0).all()
 
 
+def test_group_table_shows_who_pays_by_sex_and_age_band(seeds):
+    data, ensembles = seeds
+    table = group_table(ensembles[0], 1.0, data)
+    assert (ensembles[0] / GROUPS_FILE).exists() and set(table["by"]) == {"sex", "age_band"}
+    rows = pd.read_csv(ensembles[0] / "predictions.csv")
+    y, probs = label_ids(rows["dx"]), rows[list(CLASSES)].to_numpy()
+    train = training_rows(RunFolder(ensembles[0].parent / "run0"), data)
+    offset = np.asarray(RunFolder(ensembles[0]).manifest()["logit_offset"])
+    moved = fused_labels(probs, offset, MetadataPrior(train).log_ratio(rows), 1.0)
+    own = decide(probs, None, offset)  # beta 0: the ensemble's own logit-adjusted labels
+    bands = age_band(rows["age"]).to_numpy()
+    ages = table[table["by"] == "age_band"]
+    assert list(ages["group"]) == ["30-44", "45-59", "60-74", "75+"]  # the bands' own order, empty bands left out
+    for _, r in table.iterrows():
+        k = (rows[r["by"]] if r["by"] == "sex" else pd.Series(bands)).to_numpy() == r["group"]
+        assert r["n"] == k.sum() and r["melanomas"] == (y[k] == MEL).sum()
+        assert r["balanced_accuracy_ensemble"] == pytest.approx(balanced_accuracy(y[k], own[k]))
+        assert r["balanced_accuracy_prior"] == pytest.approx(balanced_accuracy(y[k], moved[k]))
+        assert r["melanomas_found_prior"] == ((moved == MEL) & (y == MEL) & k).sum()
+    assert table.groupby("by")["n"].sum().eq(len(rows)).all()
+    # over several tables: images averaged, melanomas summed
+    text = groups_text([table, group_table(ensembles[1], 1.0, data)])
+    both = pd.concat([table, pd.read_csv(ensembles[1] / GROUPS_FILE)])
+    male = both[both["group"] == "male"][["melanomas_found_ensemble", "melanomas_found_prior", "melanomas"]].sum()
+    assert f"{male.iloc[0]} -> {male.iloc[1]} of {male.iloc[2]}" in text
+
+
 def _tables(val: dict[float, list[float]]) -> dict[str, pd.DataFrame]:
     """Hand-made per-ensemble tables: validation scores by beta, test = validation + 0.1."""
     out = {}
@@ -134,6 +171,7 @@ def test_metadata_prior_command_and_its_errors(seeds, tmp_path):
     out = res.stdout
     assert "mean balanced accuracy over the 2 ensembles" in out and "beta chosen on all 2 ensembles' validation: 1" in out
     assert "beta chosen on the other ensembles' validation" in out and "predict does not apply" in out
+    assert "test by sex and age band at beta 1" in out and (ensembles[1] / GROUPS_FILE).exists()
     # a member's run (no members in its manifest) is not an ensemble
     res = cli("metadata-prior", str(ensembles[0].parent / "run0"), "--data", str(data))
     assert res.returncode == 2 and "not a mean ensemble" in res.stderr
