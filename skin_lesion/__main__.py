@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="weights of the prior's log-ratio to try (0: the ensemble's own labels)")
     mp.add_argument("--data", help="the data folder the runs were trained on (default: the first member run's, else $SKIN_LESION_DATA)")
+    mp.add_argument("--groups-beta", dest="groups_beta", type=float, metavar="BETA",
+                    help="beta of the table by sex and age band (default: the best on the ensembles' validation)")
     mp.set_defaults(func=commands.metadata_prior_cmd)
 
     su = sub.add_parser("summarize", help="test metrics of several runs (seeds, folds) side by side, with mean and sd")

@@ -343,7 +343,7 @@ def ensemble_cmd(args) -> int:
 def metadata_prior_cmd(args) -> int:
     from skin_lesion.metadata_prior import measure
 
-    print(measure(args.ensembles, args.beta, args.data))
+    print(measure(args.ensembles, args.beta, args.data, args.groups_beta))
     return 0
 
 

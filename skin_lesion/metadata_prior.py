@@ -150,7 +150,8 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
 def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLike | None = None) -> pd.DataFrame:
     """Test balanced accuracy and melanomas labelled melanoma (at the argmax) by sex and by age band,
     the ensemble's own labels against the prior's at ``beta``: who pays for an overall gain, since
-    the prior moves a label towards what is common for the patient. Written to ``metadata_prior_groups.csv``."""
+    the prior moves a label towards what is common for the patient. Unknown sex or age is a group of
+    its own. Written to ``metadata_prior_groups.csv``."""
     folder = RunFolder(ensemble)
     prior, offset = ensemble_prior(folder, data)
     frame = scored_rows(folder, TEST)
@@ -174,14 +175,16 @@ def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLik
 
 
 def groups_text(tables: list[pd.DataFrame]) -> str:
-    """Several ensembles' group tables as one: mean images and balanced accuracy per group, melanomas summed."""
+    """Several ensembles' group tables as one: images and balanced accuracy per group averaged over the
+    ensembles that have the group (counted in ``ensembles``), melanomas summed; sexes, then age bands in order."""
     both = pd.concat(tables)
-    keys = list(dict.fromkeys(zip(both["by"], both["group"])))  # each table's own order: sexes, then age bands
-    g = both.groupby(["by", "group"], sort=False)
-    out = pd.DataFrame({"images per ensemble": g["n"].mean().round().astype(int), "ensemble": g["balanced_accuracy_ensemble"].mean(), "prior": g["balanced_accuracy_prior"].mean()})
+    g = both.groupby(["by", "group"])
+    out = pd.DataFrame({"ensembles": g.size(), "images": g["n"].mean().round().astype(int),
+                        "ensemble": g["balanced_accuracy_ensemble"].mean(), "prior": g["balanced_accuracy_prior"].mean()})
     out["change"] = out["prior"] - out["ensemble"]
     found = g[["melanomas_found_ensemble", "melanomas_found_prior", "melanomas"]].sum()
     out["melanomas found (ensemble -> prior, of)"] = [f"{a} -> {b} of {n}" for a, b, n in found.to_numpy()]
+    keys = sorted(out.index, key=lambda k: (k[0] != "sex", AGE_BANDS.index(k[1]) if k[0] == "age_band" else 0, k[1]))
     return out.loc[keys].to_string(float_format=lambda x: f"{x:.3f}")
 
 
@@ -235,14 +238,17 @@ def summary_text(tables: dict[str, pd.DataFrame]) -> str:
             f"{fmt(held, index=False)}")
 
 
-def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None) -> str:
+def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None, groups_beta: float | None = None) -> str:
     """What ``metadata-prior`` does and prints: each ensemble's table, over several the mean and the
-    choices of beta, and the test figures by sex and age band at the deployed beta (each written beside its ensemble)."""
+    choices of beta, and the test figures by sex and age band at ``groups_beta`` (default: the deployed
+    beta, the best on these ensembles' validation), each table written beside its ensemble."""
+    if groups_beta is not None and groups_beta < 0:
+        raise UserError("metadata-prior: give a --groups-beta of 0 or more")
     tables = score_ensembles(ensembles, betas, data)
     parts = [f"{e} -> {Path(e) / PRIOR_FILE}\n{t.to_string(index=False, float_format=lambda x: f'{x:.4f}')}" for e, t in tables.items()]
     if len(tables) > 1:
         parts.append(summary_text(tables))
-    beta = deployed_beta(tables)
+    beta = deployed_beta(tables) if groups_beta is None else groups_beta
     groups = [group_table(e, beta, data) for e in tables]
     parts.append(f"test by sex and age band at beta {beta:g} (balanced accuracy: mean over the ensembles; "
                  f"melanomas labelled melanoma at the argmax: summed; each in {GROUPS_FILE}):\n{groups_text(groups)}")

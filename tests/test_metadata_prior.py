@@ -118,31 +118,58 @@ def test_beta_zero_is_the_ensembles_own_labels_and_the_prior_helps_where_metadat
     assert list(choice["held_out"]) == list(map(str, ensembles)) and (choice["beta"] > 0).all()
 
 
-def test_group_table_shows_who_pays_by_sex_and_age_band(seeds):
+def _with_test_rows(ensemble, out, change) -> None:
+    """A copy of ``ensemble`` in ``out`` whose test predictions went through ``change`` (members still found)."""
+    shutil.copytree(ensemble, out)
+    (out / "manifest.json").write_text((ensemble / "manifest.json").read_text().replace("../run", str(ensemble.parent / "run")))
+    change(pd.read_csv(out / "predictions.csv")).to_csv(out / "predictions.csv", index=False)
+
+
+def test_group_table_shows_who_pays_by_sex_and_age_band(seeds, tmp_path):
     data, ensembles = seeds
-    table = group_table(ensembles[0], 1.0, data)
-    assert (ensembles[0] / GROUPS_FILE).exists() and set(table["by"]) == {"sex", "age_band"}
-    rows = pd.read_csv(ensembles[0] / "predictions.csv")
+
+    def young_and_unknown(rows: pd.DataFrame) -> pd.DataFrame:  # patients under 30, and unknown age and sex, among the test rows
+        rows.loc[rows.index % 7 == 0, "age"] = 20.0
+        rows.loc[rows.index % 11 == 0, "age"] = np.nan
+        rows.loc[rows.index % 13 == 0, "sex"] = np.nan
+        return rows
+
+    ens = tmp_path / "ens"
+    _with_test_rows(ensembles[0], ens, young_and_unknown)
+    table = group_table(ens, 1.0, data)
+    assert (ens / GROUPS_FILE).exists() and set(table["by"]) == {"sex", "age_band"}
+    rows = pd.read_csv(ens / "predictions.csv")
     y, probs = label_ids(rows["dx"]), rows[list(CLASSES)].to_numpy()
     train = training_rows(RunFolder(ensembles[0].parent / "run0"), data)
-    offset = np.asarray(RunFolder(ensembles[0]).manifest()["logit_offset"])
+    offset = np.asarray(RunFolder(ens).manifest()["logit_offset"])
     moved = fused_labels(probs, offset, MetadataPrior(train).log_ratio(rows), 1.0)
     own = decide(probs, None, offset)  # beta 0: the ensemble's own logit-adjusted labels
-    bands = age_band(rows["age"]).to_numpy()
-    ages = table[table["by"] == "age_band"]
-    assert list(ages["group"]) == ["30-44", "45-59", "60-74", "75+"]  # the bands' own order, empty bands left out
+    assert (moved != own).any()
+    groups = {"sex": rows["sex"].fillna("unknown").to_numpy(), "age_band": age_band(rows["age"]).to_numpy()}
+    assert list(table[table["by"] == "age_band"]["group"]) == ["<30", "30-44", "45-59", "60-74", "75+", "unknown"]
+    assert list(table[table["by"] == "sex"]["group"]) == ["female", "male", "unknown"]
     for _, r in table.iterrows():
-        k = (rows[r["by"]] if r["by"] == "sex" else pd.Series(bands)).to_numpy() == r["group"]
-        assert r["n"] == k.sum() and r["melanomas"] == (y[k] == MEL).sum()
+        k = groups[r["by"]] == r["group"]
+        assert r["n"] == k.sum() > 0 and r["melanomas"] == (y[k] == MEL).sum()
         assert r["balanced_accuracy_ensemble"] == pytest.approx(balanced_accuracy(y[k], own[k]))
         assert r["balanced_accuracy_prior"] == pytest.approx(balanced_accuracy(y[k], moved[k]))
+        assert r["melanomas_found_ensemble"] == ((own == MEL) & (y == MEL) & k).sum()
         assert r["melanomas_found_prior"] == ((moved == MEL) & (y == MEL) & k).sum()
-    assert table.groupby("by")["n"].sum().eq(len(rows)).all()
-    # over several tables: images averaged, melanomas summed
-    text = groups_text([table, group_table(ensembles[1], 1.0, data)])
-    both = pd.concat([table, pd.read_csv(ensembles[1] / GROUPS_FILE)])
-    male = both[both["group"] == "male"][["melanomas_found_ensemble", "melanomas_found_prior", "melanomas"]].sum()
-    assert f"{male.iloc[0]} -> {male.iloc[1]} of {male.iloc[2]}" in text
+    # over several tables: a group's images and balanced accuracy averaged over the tables that have it,
+    # melanomas summed, and the age bands in their own order even where the first table lacks one
+    other = group_table(ensembles[1], 1.0, data)
+    assert "<30" not in set(other["group"])
+    text = groups_text([other, table]).splitlines()
+    order = [line.split()[line.split()[0] in ("sex", "age_band")] for line in text[2:]]
+    assert order == ["female", "male", "unknown", "<30", "30-44", "45-59", "60-74", "75+", "unknown"]
+    both = pd.concat([table, other])
+    male = both[both["group"] == "male"]
+    line = next(line for line in text if " male " in line)
+    found = male[["melanomas_found_ensemble", "melanomas_found_prior", "melanomas"]].sum()
+    assert f"{found.iloc[0]} -> {found.iloc[1]} of {found.iloc[2]}" in line
+    assert f"{male['balanced_accuracy_prior'].mean():.3f}" in line and f" {round(male['n'].mean())} " in line
+    young = next(line for line in text if "<30" in line)
+    assert young.split()[2] == "1"  # one table has patients under 30
 
 
 def _tables(val: dict[float, list[float]]) -> dict[str, pd.DataFrame]:
@@ -172,6 +199,10 @@ def test_metadata_prior_command_and_its_errors(seeds, tmp_path):
     assert "mean balanced accuracy over the 2 ensembles" in out and "beta chosen on all 2 ensembles' validation: 1" in out
     assert "beta chosen on the other ensembles' validation" in out and "predict does not apply" in out
     assert "test by sex and age band at beta 1" in out and (ensembles[1] / GROUPS_FILE).exists()
+    # the table's beta can be named (the registered one, say), whatever validation prefers
+    res = cli("metadata-prior", *map(str, ensembles), "--beta", "0", "1", "--groups-beta", "0.5", "--data", str(data))
+    assert res.returncode == 0 and "test by sex and age band at beta 0.5" in res.stdout
+    assert (pd.read_csv(ensembles[0] / GROUPS_FILE)["beta"] == 0.5).all()
     # a member's run (no members in its manifest) is not an ensemble
     res = cli("metadata-prior", str(ensembles[0].parent / "run0"), "--data", str(data))
     assert res.returncode == 2 and "not a mean ensemble" in res.stderr
