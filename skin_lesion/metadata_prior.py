@@ -112,7 +112,10 @@ def paired_interval(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndar
     return lesion_interval(lambda i: balanced_accuracy(y[i], b[i]) - balanced_accuracy(y[i], a[i]), len(y), groups)
 
 
-def ensemble_prior(folder: RunFolder, data: str | os.PathLike | None = None) -> tuple[MetadataPrior, np.ndarray | None]:
+Fitted = tuple[MetadataPrior, np.ndarray | None]  # a mean ensemble's prior and its logit offset
+
+
+def ensemble_prior(folder: RunFolder, data: str | os.PathLike | None = None) -> Fitted:
     """The prior fitted on the training rows of a mean ensemble's first member, and the ensemble's logit offset."""
     members = folder.members()
     if not members:
@@ -120,16 +123,17 @@ def ensemble_prior(folder: RunFolder, data: str | os.PathLike | None = None) -> 
     return MetadataPrior(training_rows(members[0], data)), folder.manifest().get("logit_offset")
 
 
-def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: str | os.PathLike | None = None) -> pd.DataFrame:
+def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: str | os.PathLike | None = None,
+                         fitted: Fitted | None = None) -> pd.DataFrame:
     """A mean ensemble's validation and test balanced accuracy (and macro AUC) with the prior at each beta.
 
     The prior is fitted on the training rows of the ensemble's first member;
     beta = 0 gives the ensemble's own labels. Test rows carry the paired 95%
     interval of the change against beta = 0. Written to ``metadata_prior.csv``
-    in the ensemble's folder.
+    in the ensemble's folder. ``fitted``: the ensemble's ``ensemble_prior``, when already fitted.
     """
     folder = RunFolder(ensemble)
-    prior, offset = ensemble_prior(folder, data)
+    prior, offset = fitted or ensemble_prior(folder, data)
     rows = []
     for split in ("val", TEST):
         frame = scored_rows(folder, split)
@@ -147,13 +151,13 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
     return table
 
 
-def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLike | None = None) -> pd.DataFrame:
+def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLike | None = None, fitted: Fitted | None = None) -> pd.DataFrame:
     """Test balanced accuracy and melanomas labelled melanoma (at the argmax) by sex and by age band,
     the ensemble's own labels against the prior's at ``beta``: who pays for an overall gain, since
     the prior moves a label towards what is common for the patient. Unknown sex or age is a group of
-    its own. Written to ``metadata_prior_groups.csv``."""
+    its own. Written to ``metadata_prior_groups.csv``; ``fitted`` as in ``score_metadata_prior``."""
     folder = RunFolder(ensemble)
-    prior, offset = ensemble_prior(folder, data)
+    prior, offset = fitted or ensemble_prior(folder, data)
     frame = scored_rows(folder, TEST)
     y, probs = label_ids(frame["dx"]), frame[list(CLASSES)].to_numpy(dtype=float)
     ratio = prior.log_ratio(frame)
@@ -188,12 +192,14 @@ def groups_text(tables: list[pd.DataFrame]) -> str:
     return out.loc[keys].to_string(float_format=lambda x: f"{x:.3f}")
 
 
-def score_ensembles(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None) -> dict[str, pd.DataFrame]:
-    """``score_metadata_prior`` for each of several distinct ensembles (one per seed, say), each beta once."""
+def score_ensembles(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None,
+                    fitted: dict[str, Fitted] | None = None) -> dict[str, pd.DataFrame]:
+    """``score_metadata_prior`` for each of several distinct ensembles (one per seed, say), each beta once
+    (``fitted``: their priors by ensemble, when already fitted)."""
     folders = [Path(e).resolve() for e in ensembles]
     if len(set(folders)) < len(folders) or min(betas) < 0:
         raise UserError("metadata-prior: name each ensemble once, and give betas of 0 or more")
-    return {e: score_metadata_prior(e, sorted(set(betas)), data) for e in ensembles}
+    return {e: score_metadata_prior(e, sorted(set(betas)), data, (fitted or {}).get(e)) for e in ensembles}
 
 
 def chosen_beta(validation: pd.Series) -> float:
@@ -244,12 +250,13 @@ def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | 
     beta, the best on these ensembles' validation), each table written beside its ensemble."""
     if groups_beta is not None and groups_beta < 0:
         raise UserError("metadata-prior: give a --groups-beta of 0 or more")
-    tables = score_ensembles(ensembles, betas, data)
+    fitted = {e: ensemble_prior(RunFolder(e), data) for e in ensembles}  # each prior fitted once, for both tables
+    tables = score_ensembles(ensembles, betas, data, fitted)
     parts = [f"{e} -> {Path(e) / PRIOR_FILE}\n{t.to_string(index=False, float_format=lambda x: f'{x:.4f}')}" for e, t in tables.items()]
     if len(tables) > 1:
         parts.append(summary_text(tables))
     beta = deployed_beta(tables) if groups_beta is None else groups_beta
-    groups = [group_table(e, beta, data) for e in tables]
+    groups = [group_table(e, beta, data, fitted[e]) for e in tables]
     parts.append(f"test by sex and age band at beta {beta:g} (balanced accuracy: mean over the ensembles; "
                  f"melanomas labelled melanoma at the argmax: summed; each in {GROUPS_FILE}):\n{groups_text(groups)}")
     return "\n".join(parts) + "\n(a lab measurement: predict does not apply the prior)"
