@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--data", help="the data folder the runs were trained on (default: the first member run's, else $SKIN_LESION_DATA)")
     mp.add_argument("--groups-beta", dest="groups_beta", type=float, metavar="BETA",
                     help="beta of the table by sex and age band (default: the best on the ensembles' validation)")
+    mp.add_argument("--features", default="age,sex,site", metavar="PARTS",
+                    help="what the prior reads: a comma list of age, sex, site (default all three; `site` writes metadata_prior_site.csv)")
     mp.set_defaults(func=commands.metadata_prior_cmd)
 
     su = sub.add_parser("summarize", help="test metrics of several runs (seeds, folds) side by side, with mean and sd")

@@ -341,9 +341,9 @@ def ensemble_cmd(args) -> int:
 
 
 def metadata_prior_cmd(args) -> int:
-    from skin_lesion.metadata_prior import measure
+    from skin_lesion.metadata_prior import measure, parse_parts
 
-    print(measure(args.ensembles, args.beta, args.data, args.groups_beta))
+    print(measure(args.ensembles, args.beta, args.data, args.groups_beta, parse_parts(args.features)))
     return 0
 
 

@@ -142,9 +142,12 @@ def metadata_problems(df: pd.DataFrame, csv: Path) -> list[str]:
     return out
 
 
-def metadata_features(frame: pd.DataFrame) -> np.ndarray:
-    """Age (scaled, squared, missing flag), sex and body site one-hot: what a
-    clinician knows before the biopsy. Never ``dx_type``, which reveals the label."""
+METADATA_PARTS: tuple[str, ...] = ("age", "sex", "site")
+
+
+def metadata_features(frame: pd.DataFrame, parts: tuple[str, ...] = METADATA_PARTS) -> np.ndarray:
+    """Age (scaled, squared, missing flag), sex and body site one-hot, or those of ``parts``:
+    what a clinician knows before the biopsy. Never ``dx_type``, which reveals the label."""
     def column(name: str) -> pd.Series:  # an absent column reads as all unknown
         return frame[name] if name in frame else pd.Series([None] * len(frame), index=frame.index)
 
@@ -153,7 +156,8 @@ def metadata_features(frame: pd.DataFrame) -> np.ndarray:
     a = np.where(missing, 50.0, age) / 100
     sex = np.stack([column("sex").eq(s).to_numpy() for s in ("male", "female")], 1)
     site = np.stack([column("localization").eq(s).to_numpy() for s in SITES], 1)
-    return np.column_stack([a, a**2, missing, sex, site]).astype(float)
+    columns = {"age": [a, a**2, missing], "sex": [sex], "site": [site]}
+    return np.column_stack([c for part in parts for c in columns[part]]).astype(float)
 
 
 def load_dataset(data: str | os.PathLike | None = None, verify_images: bool = False) -> Dataset:

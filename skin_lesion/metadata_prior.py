@@ -18,7 +18,11 @@ probabilities stay the ensemble's. It scores an ensemble's saved predictions
 and writes ``metadata_prior.csv`` beside them, and, because it decides partly
 by who the patient is, ``metadata_prior_groups.csv``: the test figures by sex
 and age band with and without it. ``predict`` does not apply it.
-``dx_type`` is never an input (it nearly reveals the label).
+``dx_type`` is never an input (it nearly reveals the label). A prior on
+some of the three fields (``parts``: body site alone, say, which decides by
+where the lesion is rather than by who the patient is) writes its tables
+under names that carry them (``metadata_prior_site.csv``), beside the
+full prior's.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from skin_lesion.calibration import class_frequency, decide
-from skin_lesion.data import METADATA_FILE, label_ids, metadata_features, read_metadata, resolve_data_dir
+from skin_lesion.data import METADATA_FILE, METADATA_PARTS, label_ids, metadata_features, read_metadata, resolve_data_dir
 from skin_lesion.info import AGE_BANDS, CLASSES, MEL, DataError, UserError
 from skin_lesion.metrics import age_band, balanced_accuracy, lesion_interval, macro_auc
 from skin_lesion.runs import TEST, RunFolder
@@ -40,23 +44,42 @@ GROUPS_FILE = "metadata_prior_groups.csv"
 METADATA_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
 
 
-class MetadataPrior:
-    """p(class | age, sex, site) from training rows, as a log-ratio to the training class frequency."""
+def parse_parts(text: str) -> tuple[str, ...]:
+    """``--features``' comma list (``site``, ``sex,site``) as metadata parts in their usual order."""
+    parts = {p.strip() for p in text.split(",") if p.strip()}
+    if not parts or parts - set(METADATA_PARTS):
+        raise UserError(f"metadata-prior: --features takes a comma list of {', '.join(METADATA_PARTS)}; got {text!r}")
+    return tuple(p for p in METADATA_PARTS if p in parts)
 
-    def __init__(self, train: pd.DataFrame, C: float = 1.0) -> None:
+
+def table_files(parts: tuple[str, ...]) -> tuple[str, str]:
+    """The prior's two table names: ``metadata_prior.csv`` and ``metadata_prior_groups.csv`` for all
+    three fields, else with the fields in the name, so that priors on different fields sit side by side."""
+    if tuple(parts) == METADATA_PARTS:
+        return PRIOR_FILE, GROUPS_FILE
+    tag = "_" + "_".join(parts)
+    return PRIOR_FILE.replace(".csv", f"{tag}.csv"), GROUPS_FILE.replace(".csv", f"{tag}.csv")
+
+
+class MetadataPrior:
+    """p(class | metadata) from training rows (age, sex and site, or those of ``parts``),
+    as a log-ratio to the training class frequency."""
+
+    def __init__(self, train: pd.DataFrame, C: float = 1.0, parts: tuple[str, ...] = METADATA_PARTS) -> None:
         from sklearn.linear_model import LogisticRegression
 
+        self.parts = tuple(parts)
         y = label_ids(train["dx"])
         self.present = np.unique(y)
         if len(self.present) < 2:
             raise DataError("metadata prior: the training rows hold fewer than two classes; fit it on a run's training split")
-        self.estimator = LogisticRegression(C=C, max_iter=2000).fit(metadata_features(train), y)
+        self.estimator = LogisticRegression(C=C, max_iter=2000).fit(metadata_features(train, self.parts), y)
         self.log_frequency = np.log(class_frequency(train["dx"]))
 
     def log_ratio(self, frame: pd.DataFrame) -> np.ndarray:
         """log p(class | metadata) - log p(class) for each row (rows x CLASSES); 0 for classes absent from training."""
         out = np.zeros((len(frame), len(CLASSES)))
-        p = np.clip(self.estimator.predict_proba(metadata_features(frame)), 1e-6, 1)
+        p = np.clip(self.estimator.predict_proba(metadata_features(frame, self.parts)), 1e-6, 1)
         out[:, self.present] = np.log(p) - self.log_frequency[self.present]
         return out
 
@@ -115,12 +138,12 @@ def paired_interval(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndar
 Fitted = tuple[MetadataPrior, np.ndarray | None]  # a mean ensemble's prior and its logit offset
 
 
-def ensemble_prior(folder: RunFolder, data: str | os.PathLike | None = None) -> Fitted:
-    """The prior fitted on the training rows of a mean ensemble's first member, and the ensemble's logit offset."""
+def ensemble_prior(folder: RunFolder, data: str | os.PathLike | None = None, parts: tuple[str, ...] = METADATA_PARTS) -> Fitted:
+    """The prior (on ``parts``) fitted on the training rows of a mean ensemble's first member, and the ensemble's logit offset."""
     members = folder.members()
     if not members:
         raise DataError(f"{folder.path}: not a mean ensemble (no members in its manifest.json); pass an `ensemble --out` folder")
-    return MetadataPrior(training_rows(members[0], data)), folder.manifest().get("logit_offset")
+    return MetadataPrior(training_rows(members[0], data), parts=parts), folder.manifest().get("logit_offset")
 
 
 def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: str | os.PathLike | None = None,
@@ -129,7 +152,7 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
 
     The prior is fitted on the training rows of the ensemble's first member;
     beta = 0 gives the ensemble's own labels. Test rows carry the paired 95%
-    interval of the change against beta = 0. Written to ``metadata_prior.csv``
+    interval of the change against beta = 0. Written to ``metadata_prior.csv`` (see ``table_files``)
     in the ensemble's folder. ``fitted``: the ensemble's ``ensemble_prior``, when already fitted.
     """
     folder = RunFolder(ensemble)
@@ -147,7 +170,7 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
             rows.append(dict(split=split, beta=beta, n=len(y), balanced_accuracy=balanced_accuracy(y, labels),
                              macro_auc=macro_auc(y, fused_probabilities(probs, ratio, beta)), change_low=low, change_high=high))
     table = pd.DataFrame(rows)
-    folder.write_table(folder.path / PRIOR_FILE, table)
+    folder.write_table(folder.path / table_files(prior.parts)[0], table)
     return table
 
 
@@ -155,7 +178,7 @@ def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLik
     """Test balanced accuracy and melanomas labelled melanoma (at the argmax) by sex and by age band,
     the ensemble's own labels against the prior's at ``beta``: who pays for an overall gain, since
     the prior moves a label towards what is common for the patient. Unknown sex or age is a group of
-    its own. Written to ``metadata_prior_groups.csv``; ``fitted`` as in ``score_metadata_prior``."""
+    its own. Written to ``metadata_prior_groups.csv`` (see ``table_files``); ``fitted`` as in ``score_metadata_prior``."""
     folder = RunFolder(ensemble)
     prior, offset = fitted or ensemble_prior(folder, data)
     frame = scored_rows(folder, TEST)
@@ -174,7 +197,7 @@ def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLik
                 row[f"melanomas_found_{name}"] = int((lab[k][y[k] == MEL] == MEL).sum())
             rows.append(row)
     table = pd.DataFrame(rows)
-    folder.write_table(folder.path / GROUPS_FILE, table)
+    folder.write_table(folder.path / table_files(prior.parts)[1], table)
     return table
 
 
@@ -244,19 +267,23 @@ def summary_text(tables: dict[str, pd.DataFrame]) -> str:
             f"{fmt(held, index=False)}")
 
 
-def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None, groups_beta: float | None = None) -> str:
+def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None, groups_beta: float | None = None,
+            parts: tuple[str, ...] = METADATA_PARTS) -> str:
     """What ``metadata-prior`` does and prints: each ensemble's table, over several the mean and the
     choices of beta, and the test figures by sex and age band at ``groups_beta`` (default: the deployed
-    beta, the best on these ensembles' validation), each table written beside its ensemble."""
+    beta, the best on these ensembles' validation), each table written beside its ensemble; the
+    prior on ``parts`` of age, sex and site."""
     if groups_beta is not None and groups_beta < 0:
         raise UserError("metadata-prior: give a --groups-beta of 0 or more")
-    fitted = {e: ensemble_prior(RunFolder(e), data) for e in ensembles}  # each prior fitted once, for both tables
+    fitted = {e: ensemble_prior(RunFolder(e), data, parts) for e in ensembles}  # each prior fitted once, for both tables
     tables = score_ensembles(ensembles, betas, data, fitted)
-    parts = [f"{e} -> {Path(e) / PRIOR_FILE}\n{t.to_string(index=False, float_format=lambda x: f'{x:.4f}')}" for e, t in tables.items()]
+    prior_file, groups_file = table_files(parts)
+    out = [f"prior on {', '.join(parts)}"]
+    out += [f"{e} -> {Path(e) / prior_file}\n{t.to_string(index=False, float_format=lambda x: f'{x:.4f}')}" for e, t in tables.items()]
     if len(tables) > 1:
-        parts.append(summary_text(tables))
+        out.append(summary_text(tables))
     beta = deployed_beta(tables) if groups_beta is None else groups_beta
     groups = [group_table(e, beta, data, fitted[e]) for e in tables]
-    parts.append(f"test by sex and age band at beta {beta:g} (balanced accuracy: mean over the ensembles; "
-                 f"melanomas labelled melanoma at the argmax: summed; each in {GROUPS_FILE}):\n{groups_text(groups)}")
-    return "\n".join(parts) + "\n(a lab measurement: predict does not apply the prior)"
+    out.append(f"test by sex and age band at beta {beta:g} (balanced accuracy: mean over the ensembles; "
+               f"melanomas labelled melanoma at the argmax: summed; each in {groups_file}):\n{groups_text(groups)}")
+    return "\n".join(out) + "\n(a lab measurement: predict does not apply the prior)"

@@ -10,7 +10,7 @@ import pytest
 from conftest import cli
 
 from skin_lesion.calibration import decide
-from skin_lesion.data import label_ids
+from skin_lesion.data import SITES, label_ids, metadata_features
 from skin_lesion.ensemble import mean_runs
 from skin_lesion.evaluate import prediction_table
 from skin_lesion.info import CLASSES, MEL, DataError
@@ -23,6 +23,7 @@ from skin_lesion.metadata_prior import (
     groups_text,
     leave_one_out,
     score_metadata_prior,
+    table_files,
     training_rows,
 )
 from skin_lesion.metrics import age_band, balanced_accuracy, lesion_resamples, percentile_interval
@@ -223,6 +224,41 @@ def test_metadata_prior_command_and_its_errors(seeds, tmp_path):
     pd.read_csv(data / "HAM10000_metadata.csv").iloc[:10].to_csv(other / "HAM10000_metadata.csv", index=False)
     res = cli("metadata-prior", str(ensembles[0]), "--data", str(other))
     assert res.returncode == 2 and "HAM10000_metadata.csv" in res.stderr and "pass --data" in res.stderr
+
+
+def test_a_prior_on_body_site_alone_reads_only_the_site_and_writes_beside_the_full_one(seeds, tmp_path):
+    data, ensembles = seeds
+    rows = pd.DataFrame({"age": [20.0, 80.0, np.nan, 80.0], "sex": ["female", "male", None, "male"],
+                         "localization": ["face", "face", "face", "abdomen"]})
+    assert metadata_features(rows, ("site",)).shape == (4, len(SITES))
+    assert (metadata_features(rows, ("age", "sex", "site")) == metadata_features(rows)).all()
+    train = training_rows(RunFolder(ensembles[0].parent / "run0"), data)
+    site = MetadataPrior(train, parts=("site",)).log_ratio(rows)
+    # the same site, whatever the age and sex, moves the labels alike; another site moves them otherwise
+    assert np.allclose(site[0], site[1]) and np.allclose(site[0], site[2]) and not np.allclose(site[0], site[3])
+    assert site[0, CLASSES.index("bcc")] > 1  # the face still says basal-cell carcinoma
+    full = MetadataPrior(train).log_ratio(rows)
+    assert not np.allclose(full[0], full[1])  # where the full prior reads the age and sex
+
+    ens = tmp_path / "ens"
+    _with_test_rows(ensembles[0], ens, lambda r: r)
+    for name in (PRIOR_FILE, GROUPS_FILE):  # the copy's, from the other tests
+        (ens / name).unlink(missing_ok=True)
+    res = cli("metadata-prior", str(ens), "--beta", "0", "1", "--features", "site", "--data", str(data))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("prior on site\n") and table_files(("site",)) == ("metadata_prior_site.csv", "metadata_prior_groups_site.csv")
+    assert (ens / "metadata_prior_site.csv").exists() and (ens / "metadata_prior_groups_site.csv").exists()
+    assert not (ens / PRIOR_FILE).exists() and not (ens / GROUPS_FILE).exists()  # the full prior's tables are its own
+    table = pd.read_csv(ens / "metadata_prior_site.csv").set_index(["split", "beta"])["balanced_accuracy"]
+    test = pd.read_csv(ens / "predictions.csv")
+    y, probs = label_ids(test["dx"]), test[list(CLASSES)].to_numpy()
+    offset = np.asarray(RunFolder(ens).manifest()["logit_offset"])
+    moved = fused_labels(probs, offset, MetadataPrior(train, parts=("site",)).log_ratio(test), 1.0)
+    assert table[("test", 1.0)] == pytest.approx(balanced_accuracy(y, moved))
+    assert table[("test", 0.0)] == pytest.approx(RunFolder(ens).metrics()["calibrated"]["balanced_accuracy"])
+    for bad in ("weight", "site,height", ""):
+        res = cli("metadata-prior", str(ens), "--features", bad, "--data", str(data))
+        assert res.returncode == 2 and "--features takes a comma list of age, sex, site" in res.stderr
 
 
 def test_the_prior_needs_no_tensorflow():
