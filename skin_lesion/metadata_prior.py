@@ -44,18 +44,25 @@ GROUPS_FILE = "metadata_prior_groups.csv"
 METADATA_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
 
 
+def canonical_parts(parts: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Metadata parts checked and in their usual order (age, sex, site), each once, so that one set
+    of fields always gives the same features and the same file names."""
+    given = set(parts)
+    if not given or given - set(METADATA_PARTS):
+        raise UserError(f"metadata-prior: --features takes a comma list of {', '.join(METADATA_PARTS)}; got {','.join(parts)!r}")
+    return tuple(p for p in METADATA_PARTS if p in given)
+
+
 def parse_parts(text: str) -> tuple[str, ...]:
-    """``--features``' comma list (``site``, ``sex,site``) as metadata parts in their usual order."""
-    parts = {p.strip() for p in text.split(",") if p.strip()}
-    if not parts or parts - set(METADATA_PARTS):
-        raise UserError(f"metadata-prior: --features takes a comma list of {', '.join(METADATA_PARTS)}; got {text!r}")
-    return tuple(p for p in METADATA_PARTS if p in parts)
+    """``--features``' comma list (``site``, ``sex, site``) as ``canonical_parts``."""
+    return canonical_parts([p.strip() for p in text.split(",") if p.strip()])
 
 
 def table_files(parts: tuple[str, ...]) -> tuple[str, str]:
     """The prior's two table names: ``metadata_prior.csv`` and ``metadata_prior_groups.csv`` for all
     three fields, else with the fields in the name, so that priors on different fields sit side by side."""
-    if tuple(parts) == METADATA_PARTS:
+    parts = canonical_parts(parts)
+    if parts == METADATA_PARTS:
         return PRIOR_FILE, GROUPS_FILE
     tag = "_" + "_".join(parts)
     return PRIOR_FILE.replace(".csv", f"{tag}.csv"), GROUPS_FILE.replace(".csv", f"{tag}.csv")
@@ -68,7 +75,7 @@ class MetadataPrior:
     def __init__(self, train: pd.DataFrame, C: float = 1.0, parts: tuple[str, ...] = METADATA_PARTS) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        self.parts = tuple(parts)
+        self.parts = canonical_parts(parts)
         y = label_ids(train["dx"])
         self.present = np.unique(y)
         if len(self.present) < 2:
@@ -152,8 +159,9 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
 
     The prior is fitted on the training rows of the ensemble's first member;
     beta = 0 gives the ensemble's own labels. Test rows carry the paired 95%
-    interval of the change against beta = 0. Written to ``metadata_prior.csv`` (see ``table_files``)
-    in the ensemble's folder. ``fitted``: the ensemble's ``ensemble_prior``, when already fitted.
+    interval of the change against beta = 0. Written to ``metadata_prior.csv`` in the ensemble's
+    folder. ``fitted``: the ensemble's ``ensemble_prior``, when already fitted; a prior on fewer
+    fields comes that way, and its table is named by them (``table_files``).
     """
     folder = RunFolder(ensemble)
     prior, offset = fitted or ensemble_prior(folder, data)
@@ -178,7 +186,7 @@ def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLik
     """Test balanced accuracy and melanomas labelled melanoma (at the argmax) by sex and by age band,
     the ensemble's own labels against the prior's at ``beta``: who pays for an overall gain, since
     the prior moves a label towards what is common for the patient. Unknown sex or age is a group of
-    its own. Written to ``metadata_prior_groups.csv`` (see ``table_files``); ``fitted`` as in ``score_metadata_prior``."""
+    its own. Written to ``metadata_prior_groups.csv``; ``fitted`` (and the name) as in ``score_metadata_prior``."""
     folder = RunFolder(ensemble)
     prior, offset = fitted or ensemble_prior(folder, data)
     frame = scored_rows(folder, TEST)

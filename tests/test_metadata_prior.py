@@ -13,7 +13,7 @@ from skin_lesion.calibration import decide
 from skin_lesion.data import SITES, label_ids, metadata_features
 from skin_lesion.ensemble import mean_runs
 from skin_lesion.evaluate import prediction_table
-from skin_lesion.info import CLASSES, MEL, DataError
+from skin_lesion.info import CLASSES, MEL, DataError, UserError
 from skin_lesion.metadata_prior import (
     GROUPS_FILE,
     PRIOR_FILE,
@@ -22,6 +22,7 @@ from skin_lesion.metadata_prior import (
     group_table,
     groups_text,
     leave_one_out,
+    parse_parts,
     score_metadata_prior,
     table_files,
     training_rows,
@@ -242,13 +243,14 @@ def test_a_prior_on_body_site_alone_reads_only_the_site_and_writes_beside_the_fu
 
     ens = tmp_path / "ens"
     _with_test_rows(ensembles[0], ens, lambda r: r)
-    for name in (PRIOR_FILE, GROUPS_FILE):  # the copy's, from the other tests
-        (ens / name).unlink(missing_ok=True)
+    score_metadata_prior(ens, [0.0, 1.0], data)  # the full prior's tables, which the site prior must leave as they are
+    group_table(ens, 1.0, data)
+    full_tables = [(ens / name).read_bytes() for name in (PRIOR_FILE, GROUPS_FILE)]
     res = cli("metadata-prior", str(ens), "--beta", "0", "1", "--features", "site", "--data", str(data))
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith("prior on site\n") and table_files(("site",)) == ("metadata_prior_site.csv", "metadata_prior_groups_site.csv")
     assert (ens / "metadata_prior_site.csv").exists() and (ens / "metadata_prior_groups_site.csv").exists()
-    assert not (ens / PRIOR_FILE).exists() and not (ens / GROUPS_FILE).exists()  # the full prior's tables are its own
+    assert [(ens / name).read_bytes() for name in (PRIOR_FILE, GROUPS_FILE)] == full_tables  # the full prior's tables are its own
     table = pd.read_csv(ens / "metadata_prior_site.csv").set_index(["split", "beta"])["balanced_accuracy"]
     test = pd.read_csv(ens / "predictions.csv")
     y, probs = label_ids(test["dx"]), test[list(CLASSES)].to_numpy()
@@ -256,7 +258,12 @@ def test_a_prior_on_body_site_alone_reads_only_the_site_and_writes_beside_the_fu
     moved = fused_labels(probs, offset, MetadataPrior(train, parts=("site",)).log_ratio(test), 1.0)
     assert table[("test", 1.0)] == pytest.approx(balanced_accuracy(y, moved))
     assert table[("test", 0.0)] == pytest.approx(RunFolder(ens).metrics()["calibrated"]["balanced_accuracy"])
-    for bad in ("weight", "site,height", ""):
+    # one set of fields, one name: order, spaces and repeats do not matter
+    assert parse_parts(" site, age,site") == ("age", "site") == MetadataPrior(train, parts=("site", "age", "site")).parts
+    assert table_files(("site", "age")) == table_files(parse_parts("age,site")) == ("metadata_prior_age_site.csv", "metadata_prior_groups_age_site.csv")
+    with pytest.raises(UserError, match="--features takes"):
+        table_files(("weight",))
+    for bad in ("weight", "site,height", "", ","):
         res = cli("metadata-prior", str(ens), "--features", bad, "--data", str(data))
         assert res.returncode == 2 and "--features takes a comma list of age, sex, site" in res.stderr
 
