@@ -283,6 +283,7 @@ def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | 
     prior on ``parts`` of age, sex and site."""
     if groups_beta is not None and groups_beta < 0:
         raise UserError("metadata-prior: give a --groups-beta of 0 or more")
+    parts = canonical_parts(parts)
     fitted = {e: ensemble_prior(RunFolder(e), data, parts) for e in ensembles}  # each prior fitted once, for both tables
     tables = score_ensembles(ensembles, betas, data, fitted)
     prior_file, groups_file = table_files(parts)
