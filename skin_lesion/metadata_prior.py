@@ -137,6 +137,12 @@ def fused_probabilities(probs: np.ndarray, log_ratio: np.ndarray, beta: float) -
     return e / e.sum(1, keepdims=True)
 
 
+def split_scores(folder: RunFolder, split: str, prior: MetadataPrior) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """An ensemble's saved rows of ``split``, their label ids, probabilities and the prior's log-ratio."""
+    frame = scored_rows(folder, split)
+    return frame, label_ids(frame["dx"]), frame[list(CLASSES)].to_numpy(dtype=float), prior.log_ratio(frame)
+
+
 def paired_interval(y: np.ndarray, a: np.ndarray, b: np.ndarray, groups: np.ndarray | None) -> tuple[float, float]:
     """95% interval of balanced accuracy (labels b) - (labels a), over lesion-grouped resamples of the rows."""
     return lesion_interval(lambda i: balanced_accuracy(y[i], b[i]) - balanced_accuracy(y[i], a[i]), len(y), groups)
@@ -167,9 +173,7 @@ def score_metadata_prior(ensemble: str | os.PathLike, betas: list[float], data: 
     prior, offset = fitted or ensemble_prior(folder, data)
     rows = []
     for split in ("val", TEST):
-        frame = scored_rows(folder, split)
-        y, probs = label_ids(frame["dx"]), frame[list(CLASSES)].to_numpy(dtype=float)
-        ratio = prior.log_ratio(frame)
+        frame, y, probs, ratio = split_scores(folder, split, prior)
         groups = frame["lesion_id"].to_numpy() if "lesion_id" in frame else None
         own = fused_labels(probs, offset, ratio, 0.0)
         for beta in betas:
@@ -189,9 +193,7 @@ def group_table(ensemble: str | os.PathLike, beta: float, data: str | os.PathLik
     its own. Written to ``metadata_prior_groups.csv``; ``fitted`` (and the name) as in ``score_metadata_prior``."""
     folder = RunFolder(ensemble)
     prior, offset = fitted or ensemble_prior(folder, data)
-    frame = scored_rows(folder, TEST)
-    y, probs = label_ids(frame["dx"]), frame[list(CLASSES)].to_numpy(dtype=float)
-    ratio = prior.log_ratio(frame)
+    frame, y, probs, ratio = split_scores(folder, TEST, prior)
     labels = {"ensemble": fused_labels(probs, offset, ratio, 0.0), "prior": fused_labels(probs, offset, ratio, beta)}
     groupings = {"sex": frame["sex"].fillna("unknown").astype(str).to_numpy(), "age_band": age_band(frame["age"]).to_numpy()}
     rows = []
@@ -223,13 +225,18 @@ def groups_text(tables: list[pd.DataFrame]) -> str:
     return out.loc[keys].to_string(float_format=lambda x: f"{x:.3f}")
 
 
+def check_request(ensembles: list[str], betas: list[float]) -> None:
+    """Each ensemble named once (else a seed would choose its own beta) and betas of 0 or more."""
+    folders = [Path(e).resolve() for e in ensembles]
+    if len(set(folders)) < len(folders) or min(betas) < 0:
+        raise UserError("metadata-prior: name each ensemble once, and give betas of 0 or more")
+
+
 def score_ensembles(ensembles: list[str], betas: list[float], data: str | os.PathLike | None = None,
                     fitted: dict[str, Fitted] | None = None) -> dict[str, pd.DataFrame]:
     """``score_metadata_prior`` for each of several distinct ensembles (one per seed, say), each beta once
     (``fitted``: their priors by ensemble, when already fitted)."""
-    folders = [Path(e).resolve() for e in ensembles]
-    if len(set(folders)) < len(folders) or min(betas) < 0:
-        raise UserError("metadata-prior: name each ensemble once, and give betas of 0 or more")
+    check_request(ensembles, betas)
     return {e: score_metadata_prior(e, sorted(set(betas)), data, (fitted or {}).get(e)) for e in ensembles}
 
 
@@ -283,6 +290,7 @@ def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | 
     prior on ``parts`` of age, sex and site."""
     if groups_beta is not None and groups_beta < 0:
         raise UserError("metadata-prior: give a --groups-beta of 0 or more")
+    check_request(ensembles, betas)  # before any prior is fitted
     parts = canonical_parts(parts)
     fitted = {e: ensemble_prior(RunFolder(e), data, parts) for e in ensembles}  # each prior fitted once, for both tables
     tables = score_ensembles(ensembles, betas, data, fitted)
