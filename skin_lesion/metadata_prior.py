@@ -225,8 +225,10 @@ def groups_text(tables: list[pd.DataFrame]) -> str:
     return out.loc[keys].to_string(float_format=lambda x: f"{x:.3f}")
 
 
-def check_request(ensembles: list[str], betas: list[float]) -> None:
-    """Each ensemble named once (else a seed would choose its own beta) and betas of 0 or more."""
+def check_request(ensembles: list[str], betas: list[float], groups_beta: float | None = None) -> None:
+    """Each ensemble named once (else a seed would choose its own beta), and betas and the groups beta of 0 or more."""
+    if groups_beta is not None and groups_beta < 0:
+        raise UserError("metadata-prior: give a --groups-beta of 0 or more")
     folders = [Path(e).resolve() for e in ensembles]
     if len(set(folders)) < len(folders) or min(betas) < 0:
         raise UserError("metadata-prior: name each ensemble once, and give betas of 0 or more")
@@ -288,9 +290,7 @@ def measure(ensembles: list[str], betas: list[float], data: str | os.PathLike | 
     choices of beta, and the test figures by sex and age band at ``groups_beta`` (default: the deployed
     beta, the best on these ensembles' validation), each table written beside its ensemble; the
     prior on ``parts`` of age, sex and site."""
-    if groups_beta is not None and groups_beta < 0:
-        raise UserError("metadata-prior: give a --groups-beta of 0 or more")
-    check_request(ensembles, betas)  # before any prior is fitted
+    check_request(ensembles, betas, groups_beta)  # before any prior is fitted
     parts = canonical_parts(parts)
     fitted = {e: ensemble_prior(RunFolder(e), data, parts) for e in ensembles}  # each prior fitted once, for both tables
     tables = score_ensembles(ensembles, betas, data, fitted)
