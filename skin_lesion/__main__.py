@@ -1,6 +1,6 @@
-"""The command line: ``python -m skin_lesion COMMAND`` (train, evaluate, predict,
-export, serve, study, tune, report, data). A user error prints one line and exits non-zero; a bug
-still shows its traceback."""
+"""The command line: ``python -m skin_lesion COMMAND`` (train, evaluate, stack, ensemble,
+metadata-prior, summarize, study, export, predict, serve, report, tune, data). A user error,
+an out-of-range number included, prints one line and exits 2; a bug still shows its traceback."""
 
 from __future__ import annotations
 
@@ -11,18 +11,39 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out of the user's way
 
-from skin_lesion import commands  # noqa: E402
+from skin_lesion import commands, train_command  # noqa: E402
 from skin_lesion.config import ASPECTS, BN_STATISTICS, COLOUR_CONSTANCY, IMBALANCE_METHODS, MODEL_NAMES, PROFILES  # noqa: E402  (config imports no Keras: --help stays fast)
 from skin_lesion.info import UserError  # noqa: E402
 
 log = logging.getLogger("skin_lesion")
 
 
+def _ranged(kind: type, low: float | None = None, high: float | None = None, high_open: bool = False):
+    """An argparse type: ``kind`` within [low, high] (or [low, high) with ``high_open``), so a value
+    the code cannot use is one line at parse time instead of a traceback, or a silent default, later."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if (low is not None and value < low) or (high is not None and (value >= high if high_open else value > high)):
+            upper = "" if high is None else (f" and below {high}" if high_open else f" and at most {high}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be at least {low}{upper}")
+        return value
+    return parse
+
+
+VIEWS = _ranged(int, 1, 8)  # test-time augmentation: the eight flips and rotations of a square at most
+SIZE = _ranged(int, 32)  # the backbones downsample 32-fold
+COUNT = _ranged(int, 1)
+
+
 def _add_operating_point(parser: argparse.ArgumentParser) -> None:
     """--target-mel-recall and --mel-confidence, for commands that choose a melanoma threshold on validation."""
-    parser.add_argument("--target-mel-recall", dest="target_mel_recall", type=float, default=0.8, help="melanoma sensitivity to reach on validation (default 0.8)")
+    parser.add_argument("--target-mel-recall", dest="target_mel_recall", type=_ranged(float, 0.01, 1), default=0.8,
+                        help="melanoma sensitivity to reach on validation (default 0.8)")
     parser.add_argument(
-        "--mel-confidence", dest="mel_confidence", type=float, default=0.95,
+        "--mel-confidence", dest="mel_confidence", type=_ranged(float, 0, 1, high_open=True), default=0.95,
         help="reach the target in this share of lesion-grouped resamples of validation (default 0.95; 0 = on validation as it is)",
     )
 
@@ -36,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("action", choices=["download", "demo", "check", "split"])
     d.add_argument("--data", help="dataset folder (default: $SKIN_LESION_DATA, data/ham10000, else the synthetic demo)")
     d.add_argument("--out", help="output folder (download, demo) or CSV (split)")
-    d.add_argument("--folds", type=int, help="split: k lesion-grouped folds instead of train/val/test")
+    d.add_argument("--folds", type=_ranged(int, 2), help="split: k lesion-grouped folds instead of train/val/test")
     d.add_argument("--by", choices=["lesion", "image"], default="lesion", help="split: by lesion (default) or by image (leaky, for comparison)")
     d.add_argument("--holdout-source", dest="holdout_source", metavar="SOURCE", help="split: hold this source (dataset column) out as the whole test part")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--n", type=int, default=700, help="demo: number of images")
+    d.add_argument("--n", type=COUNT, default=700, help="demo: number of images")
     d.add_argument("--server", default="https://dataverse.harvard.edu", help="download: Dataverse server")
     d.add_argument("--timeout", type=float, default=10.0, help="download: network timeout in seconds")
     d.set_defaults(func=commands.data_cmd)
@@ -52,20 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data")
     t.add_argument("--run", help="run folder (default runs/default)")
     t.add_argument("--config", help="a config.json (from tune or an earlier run) to start from")
-    t.add_argument("--image-size", dest="image_size", type=int, help="input width in px (and height, for square inputs)")
+    t.add_argument("--image-size", dest="image_size", type=SIZE, help="input width in px (and height, for square inputs)")
     t.add_argument("--aspect", choices=list(ASPECTS),
                    help="input frame: 1:1 (square, default) or 4:3 (HAM10000's frame shape: height three quarters of --image-size, no squeezing)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--head-epochs", dest="head_epochs", type=int)
-    t.add_argument("--batch-size", dest="batch_size", type=int)
+    t.add_argument("--epochs", type=COUNT)
+    t.add_argument("--head-epochs", dest="head_epochs", type=_ranged(int, 0))
+    t.add_argument("--batch-size", dest="batch_size", type=COUNT)
     t.add_argument("--lr", type=float)
     t.add_argument("--finetune-lr", dest="finetune_lr", type=float)
-    t.add_argument("--dropout", type=float)
+    t.add_argument("--dropout", type=_ranged(float, 0, 1, high_open=True))
     t.add_argument("--imbalance", choices=IMBALANCE_METHODS,
                    help="class-imbalance method (sqrt: square-root class mix, undone at inference)")
-    t.add_argument("--augment", type=float, help="augmentation strength (0 = off)")
+    t.add_argument("--augment", type=_ranged(float, 0), help="augmentation strength (0 = off)")
     t.add_argument("--augment-on", dest="augment_on", choices=["pipeline", "model"], help="run augmentation in tf.data or as the model's first layer (on the GPU)")
-    t.add_argument("--colour-augment", dest="colour_augment", type=float,
+    t.add_argument("--colour-augment", dest="colour_augment", type=_ranged(float, 0),
                    help="scale the augmentation's colour jitter (default 1); above 1 each channel's gain also shifts")
     t.add_argument("--colour-constancy", dest="colour_constancy", choices=COLOUR_CONSTANCY,
                    help="normalise each image's colour inside the model (shades_of_gray: Shades of Gray, p = 6); default none")
@@ -74,13 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "or measured on the training images before the first epoch (training)")
     t.add_argument("--weights", help="imagenet, none, or a weights file")
     t.add_argument("--unfreeze-from", dest="unfreeze_from", help="first backbone layer to fine-tune ('all' for everything)")
-    t.add_argument("--average-last", dest="average_last", type=int, help="also save the mean of the weights after the last N fine-tuning epochs, as the run RUN/average (0 = off)")
-    t.add_argument("--label-smoothing", dest="label_smoothing", type=float, help="smooth the training targets by EPS: (1 - EPS) one-hot + EPS / 7 (default 0 = off)")
-    t.add_argument("--mixup", type=float, metavar="ALPHA",
+    t.add_argument("--average-last", dest="average_last", type=_ranged(int, 0),
+                   help="also save the mean of the weights after the last N fine-tuning epochs, as the run RUN/average (0 = off)")
+    t.add_argument("--label-smoothing", dest="label_smoothing", type=_ranged(float, 0, 1, high_open=True),
+                   help="smooth the training targets by EPS: (1 - EPS) one-hot + EPS / 7 (default 0 = off)")
+    t.add_argument("--mixup", type=_ranged(float, 0), metavar="ALPHA",
                    help="MixUp: blend each training image and its label with another's by a Beta(ALPHA, ALPHA) weight (default 0 = off)")
-    t.add_argument("--max-per-class", dest="max_per_class", type=int)
-    t.add_argument("--folds", type=int, help="k-fold cross-validation (all folds unless --fold)")
-    t.add_argument("--fold", type=int)
+    t.add_argument("--max-per-class", dest="max_per_class", type=COUNT)
+    t.add_argument("--folds", type=_ranged(int, 2), help="k-fold cross-validation (all folds unless --fold)")
+    t.add_argument("--fold", type=_ranged(int, 0))
     t.add_argument("--split-by", dest="split_by", choices=["lesion", "image"])
     t.add_argument("--holdout-source", dest="holdout_source", metavar="SOURCE", help="test on this source (dataset column) alone, trained and validated on the others")
     t.add_argument("--split", dest="split_file", metavar="FILE",
@@ -98,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --refit-from: add only this half of RUN's validation lesions and score both runs on the other half (a screen)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run from its last epoch")
     t.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
-    t.add_argument("--tta", type=int, default=8, help="test-time augmentation views (1-8)")
-    t.set_defaults(func=commands.train_cmd)
+    t.add_argument("--tta", type=VIEWS, default=8, help="test-time augmentation views (1-8)")
+    t.set_defaults(func=train_command.train_cmd)
 
     e = sub.add_parser("evaluate", help="score a run on its test split or an external labelled set")
     e.add_argument("--run", required=True)
@@ -107,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", help="external labels CSV: image_id,dx or ISIC one-hot")
     e.add_argument("--name", help="name of the external set: outputs go to metrics_NAME.json and predictions_NAME.csv (default: the image folder's name)")
     e.add_argument("--skip-missing", dest="skip_missing", action="store_true", help="score the labelled images that are in the folder, list the absent ones")
-    e.add_argument("--tta", type=int, default=8)
-    e.add_argument("--image-size", dest="image_size", type=int, help="score the model at this input size (a copy of the run, written to --out)")
+    e.add_argument("--tta", type=VIEWS, default=8, help="test-time augmentation views (1-8)")
+    e.add_argument("--image-size", dest="image_size", type=SIZE, help="score the model at this input size (a copy of the run, written to --out)")
     e.add_argument("--out", help="with --image-size: the folder for the resized copy of the run")
     _add_operating_point(e)
     e.set_defaults(func=commands.evaluate_cmd)
@@ -121,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--show-anyway", dest="show_anyway", action="store_true",
                    help="with --model: also score images the out-of-distribution guard refuses as not dermatoscopic")
-    r.add_argument("--tta", type=int, default=1)
+    r.add_argument("--tta", type=VIEWS, default=1)
     r.set_defaults(func=commands.predict_cmd)
 
     sv = sub.add_parser("serve", help="a local web page and JSON API on an exported bundle")
@@ -188,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--run", default="runs/tune")
     tu.add_argument("--data")
     tu.add_argument("--model", default="efficientnet_lite0", choices=MODEL_NAMES)
-    tu.add_argument("--trials", type=int, default=6)
-    tu.add_argument("--epochs", type=int, default=3)
-    tu.add_argument("--max-per-class", dest="max_per_class", type=int, default=None)
+    tu.add_argument("--trials", type=COUNT, default=6)
+    tu.add_argument("--epochs", type=COUNT, default=3)
+    tu.add_argument("--max-per-class", dest="max_per_class", type=COUNT, default=None)
     tu.add_argument("--seed", type=int, default=0)
     tu.set_defaults(func=commands.tune_cmd)
     return p

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,21 @@ def _checked_file(folder: Path, entry: dict) -> Path:
     return path
 
 
+def _load_head(folder: Path, entry: dict) -> np.ndarray:
+    """The member's dense head (kernel rows, then the bias) for heatmaps, checked like its model
+    file (bundles exported before ``head_sha256`` was recorded are checked for presence only)."""
+    path = folder / entry["head"]
+    if "head_sha256" in entry:
+        _checked_file(folder, {"file": entry["head"], "sha256": entry["head_sha256"]})
+    elif not path.exists():
+        raise BundleError(f"{path}: missing; the bundle's manifest lists it: copy the whole bundle folder")
+    try:
+        with np.load(path) as f:
+            return np.vstack([f["kernel"], f["bias"][None]])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise BundleError(f"{path}: not the head weights export wrote ({type(e).__name__}); export the bundle again") from e
+
+
 def member_size(entry: dict) -> Size:
     """A manifest member's input size: ``input_shape`` (height, width) where the export wrote it,
     else a square of ``image_size`` px (bundles from before non-square inputs)."""
@@ -111,8 +127,7 @@ def _load_member(folder: Path, entry: dict, threads: int) -> BundleMember:
         raise BundleError(f"{path}: takes inputs {shape}, but the manifest says {size_text(size)}; the bundle mixes files of two exports")
     head = None
     if entry.get("head"):
-        with np.load(folder / entry["head"]) as f:
-            head = np.vstack([f["kernel"], f["bias"][None]])
+        head = _load_head(folder, entry)
     return BundleMember(entry["run"], size, float(entry["temperature"]), runner, head)
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from skin_lesion.info import DISCLAIMER
+from skin_lesion.info import DISCLAIMER, UserError
 
 
 def data_cmd(args) -> int:
@@ -44,106 +44,6 @@ def data_cmd(args) -> int:
         out = download.download(args.out or info.DEFAULT_DATA, server=args.server, timeout=args.timeout)
         print(f"HAM10000 is in {out}")
     return 0
-
-
-def train_config(args):
-    """The run's TrainConfig: ``--config`` (if any) overridden by the options given."""
-    from skin_lesion.config import TrainConfig
-
-    if args.config:
-        base = TrainConfig.load(Path(args.config))
-        base.run, base.data = args.run or base.run, args.data or base.data
-    else:
-        base = TrainConfig()
-    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in ("run", "data")}
-    if getattr(args, "split_file", None):
-        overrides["split_file"] = str(Path(args.split_file).resolve())  # config.json says which file, wherever it is read from
-        if args.max_per_class is None:
-            overrides["max_per_class"] = None  # a saved config's profile cap; the table decides the images
-    return TrainConfig(**{**base.__dict__, **overrides, "run": args.run or base.run, "data": args.data or base.data})
-
-
-def check_split_file(cfg, evaluate: bool) -> None:
-    """Check ``train --split``'s table (and the options beside it) before any worker or
-    TensorFlow starts, so a problem is one line; ``evaluate``: the run will be scored on its test rows."""
-    from skin_lesion.data import load_dataset
-    from skin_lesion.info import DataError
-    from skin_lesion.splits import read_split_file
-
-    cfg.resolved()
-    table = read_split_file(cfg.split_file, load_dataset(cfg.data).meta)
-    if evaluate and not (table["split"] == "test").any():
-        raise DataError(f"{cfg.split_file}: no test rows to score the run on; add some, or pass --no-eval")
-
-
-def worker_argv(argv: list[str]) -> list[str]:
-    """A worker's ``train`` options: the launcher's, less ``--local-workers N``, plus ``--no-eval``
-    (the launcher evaluates once every worker is done)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--local-workers":
-            skip = True
-        elif not a.startswith("--local-workers="):
-            out.append(a)
-    return [*out, "--no-eval"] if "--no-eval" not in out else out
-
-
-REFIT_KEEPS = ("run", "data", "devices", "gpu_path")  # the TrainConfig options a refit takes from the command line
-OPTION_FLAGS = {"split_file": "split"}  # TrainConfig fields whose option is not the field's name
-
-
-def refit_config(args):
-    """The refit run's config (``refit.start_refit``), refusing options that would
-    change the source run's recipe: a refit repeats it on more images."""
-    from dataclasses import replace
-
-    from skin_lesion.config import TrainConfig
-    from skin_lesion.refit import start_refit
-
-    given = sorted(k for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in REFIT_KEEPS)
-    clash = [*given, *(["config"] if args.config else []), *(["resume"] if args.resume else []), *(["local_workers"] if args.local_workers else [])]
-    if clash:
-        flags = [OPTION_FLAGS.get(c, c.replace("_", "-")) for c in clash]
-        raise SystemExit(f"train --refit-from: repeats {args.refit_from}'s own config; drop --{', --'.join(flags)} "
-                         "(a stopped refit resumes with `train --resume --run OUT` alone)")
-    if not args.run:
-        raise SystemExit("train --refit-from: name the new run folder with --run")
-    from skin_lesion.workers import cluster_size
-
-    if cluster_size() > 1:
-        raise SystemExit("train --refit-from: start the refit on one machine without TF_CONFIG (stop it after its first epoch line), "
-                         "then run `train --resume --run OUT` on every worker")
-    cfg = start_refit(args.refit_from, args.run, args.refit_half)
-    return replace(cfg, data=args.data or cfg.data, devices=args.devices or cfg.devices, gpu_path=args.gpu_path if args.gpu_path is not None else cfg.gpu_path)
-
-
-def train_cmd(args) -> int:
-    from skin_lesion.workers import cluster_size, is_chief, launch_local_workers, stop_with_launcher
-
-    if args.refit_half is not None and not args.refit_from:
-        raise SystemExit("train --refit-half: goes with --refit-from RUN")
-    cfg = refit_config(args) if args.refit_from else train_config(args)
-    if cfg.split_file and not args.resume and is_chief():
-        check_split_file(cfg, evaluate=not args.no_eval)
-    stop_with_launcher()
-    if (args.local_workers or cluster_size() > 1) and args.folds and args.fold is None:
-        raise SystemExit("train: several workers train one run; for k-fold CV pass --fold I to each fold's run")
-    if args.local_workers:
-        launch_local_workers(worker_argv(args.argv[1:]), args.local_workers, log_dir=Path(cfg.run).with_name(Path(cfg.run).name + ".workers"))
-        return 0 if args.no_eval else evaluate_and_print(cfg.run, args.tta)
-    if args.folds and args.fold is None:
-        from skin_lesion.study import cross_validate
-
-        out = cross_validate(cfg, args.folds, tta=args.tta)
-        for k, v in out["summary"].items():
-            print(f"{k}: {v['mean']:.4f} +/- {v['sd']:.4f}")
-        return 0
-    from skin_lesion.train import train
-
-    run = train(cfg, resume=args.resume)
-    return 0 if args.no_eval or not is_chief() else evaluate_and_print(run, args.tta)
 
 
 def evaluate_and_print(run, tta: int) -> int:
@@ -194,9 +94,9 @@ def operating_point(args) -> dict:
 
 def evaluate_cmd(args) -> int:
     if bool(args.images) != bool(args.labels):
-        raise SystemExit("evaluate: --images and --labels go together")
+        raise UserError("evaluate: --images and --labels go together")
     if (args.image_size is None) != (args.out is None):  # --image-size 0 is an error of its own, not "absent"
-        raise SystemExit("evaluate: --image-size and --out go together (the run scored at another size is written to --out)")
+        raise UserError("evaluate: --image-size and --out go together (the run scored at another size is written to --out)")
     from skin_lesion.evaluate import evaluate_run
     from skin_lesion.inference import resize_run
     from skin_lesion.runs import RunFolder
@@ -205,7 +105,7 @@ def evaluate_cmd(args) -> int:
     combination = "a decision layer" if manifest.get("kind") == "decision_layer" else "a mean ensemble" if manifest.get("members") else None
     if combination and (not args.images or args.out):  # scored through its runs, on an external set only
         made_by = "stack" if manifest.get("kind") == "decision_layer" else "ensemble"
-        raise SystemExit(f"evaluate: {args.run} is {combination}; `{made_by}` scored it on its test split, and "
+        raise UserError(f"evaluate: {args.run} is {combination}; `{made_by}` scored it on its test split, and "
                          "evaluate scores it on an external set (--images and --labels), not at another size")
     if combination == "a decision layer":
         from skin_lesion.stacking import evaluate_stacked_external
@@ -278,9 +178,9 @@ def predict_line(r: dict) -> str:
 
 def predict_cmd(args) -> int:
     if bool(args.run) == bool(args.model):
-        raise SystemExit("predict: pass --model BUNDLE (an exported bundle, no TensorFlow) or --run RUN (a run folder)")
+        raise UserError("predict: pass --model BUNDLE (an exported bundle, no TensorFlow) or --run RUN (a run folder)")
     if (args.heatmap or args.show_anyway) and not args.model:
-        raise SystemExit("predict: --heatmap and --show-anyway work on an exported bundle; pass --model BUNDLE (`export --run RUN --out BUNDLE` makes one)")
+        raise UserError("predict: --heatmap and --show-anyway work on an exported bundle; pass --model BUNDLE (`export --run RUN --out BUNDLE` makes one)")
     from skin_lesion.info import ImageError
 
     predictor = make_predictor(args)
@@ -367,7 +267,7 @@ def refuse_cluster(command: str) -> None:
     from skin_lesion.workers import cluster_size
 
     if cluster_size() > 1:
-        raise SystemExit(f"{command}: trains in one process; unset TF_CONFIG (several workers train one run at a time with `train`)")
+        raise UserError(f"{command}: trains in one process; unset TF_CONFIG (several workers train one run at a time with `train`)")
 
 
 def report_cmd(args) -> int:

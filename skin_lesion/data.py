@@ -162,7 +162,8 @@ def metadata_features(frame: pd.DataFrame, parts: tuple[str, ...] = METADATA_PAR
 
 def load_dataset(data: str | os.PathLike | None = None, verify_images: bool = False) -> Dataset:
     """Load the dataset folder (see :func:`resolve_data_dir`) with an absolute
-    ``path`` per image; raise DataError if any listed image is absent."""
+    ``path`` per image; raise DataError if any listed image is absent or, with
+    ``verify_images`` (a few seconds for HAM10000), cannot be decoded."""
     root, synthetic = resolve_data_dir(data)
     meta = read_metadata(root / METADATA_FILE)
     index = image_index(root)
@@ -209,7 +210,7 @@ def check_dataset(data: str | os.PathLike | None) -> list[str]:
     index = image_index(root)
     listed = set(df["image_id"].dropna())
     for image_id in sorted(listed - set(index)):
-        problems.append(f"{root / 'images' / (image_id + '.jpg')}: listed in {METADATA_FILE} but absent; restore the file or drop its row")
+        problems.append(f"{image_id}.jpg: listed in {csv} but absent from {root}; restore the file or drop its row")
     for image_id in sorted(set(index) - listed):
         problems.append(f"{index[image_id]}: image not listed in {METADATA_FILE}; add a row or remove it")
     for image_id in sorted(listed & set(index)):
@@ -241,16 +242,33 @@ def read_labels(csv: str | os.PathLike) -> pd.DataFrame:
     if {"image_id", "dx"} <= set(df.columns):
         out = df[["image_id", "dx"]].copy()
     elif {"image", *ISIC_COLUMNS} <= set(df.columns):
-        onehot = df[list(ISIC_COLUMNS)].to_numpy(dtype=float)
+        values = df[list(ISIC_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+        rows = np.where(values.isna().any(axis=1))[0]
+        if len(rows):
+            raise DataError(f"{csv}: ISIC one-hot cells must be numbers (0 or 1); row(s) {_lines(rows)} hold something else")
+        onehot = values.to_numpy(dtype=float)
         if not np.allclose(onehot.sum(1), 1):
-            raise DataError(f"{csv}: ISIC one-hot rows must sum to 1 (rows {np.where(~np.isclose(onehot.sum(1), 1))[0][:5].tolist()})")
+            raise DataError(f"{csv}: ISIC one-hot rows must sum to 1; row(s) {_lines(np.where(~np.isclose(onehot.sum(1), 1))[0])} do not")
         out = pd.DataFrame({"image_id": df["image"], "dx": [ISIC_COLUMNS[i].lower() for i in onehot.argmax(1)]})
     else:
         raise DataError(f"{csv}: unknown label format; expected columns image_id,dx or image,{','.join(ISIC_COLUMNS)}")
+    for column in ("image_id", "dx"):
+        rows = np.where(out[column].isna() | (out[column].astype(str).str.strip() == ""))[0]
+        if len(rows):
+            raise DataError(f"{csv}: empty {column} in row(s) {_lines(rows)}; fill them in or drop those rows")
+    repeated = sorted(out.loc[out["image_id"].duplicated(), "image_id"].unique())
+    if repeated:
+        raise DataError(f"{csv}: image_id(s) {repeated[:5]} labelled more than once; keep one row per image")
     bad = sorted(set(out["dx"]) - set(CLASSES))
     if bad:
         raise DataError(f"{csv}: unknown dx label(s) {bad}; allowed: {', '.join(CLASSES)}")
     return out
+
+
+def _lines(rows: np.ndarray) -> str:
+    """Row positions as a CSV's line numbers (the header is line 1), the first five."""
+    shown = ", ".join(str(int(r) + 2) for r in rows[:5])
+    return shown + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
 @dataclass

@@ -66,6 +66,7 @@ def mean_runs(
     is not 0), the predictions and a manifest that ``Predictor`` follows.
     """
     runs, out = [RunFolder(r) for r in runs], RunFolder(out)
+    out.check_output("mean_ensemble", runs)
     val, val_probs = aligned_probabilities(runs, "val")
     test, test_probs = aligned_probabilities(runs, TEST)
     p_val, p_test = member_mean(val_probs), member_mean(test_probs)

@@ -109,27 +109,52 @@ def _check_exportable(folder: RunFolder) -> dict:
     return manifest
 
 
+def _is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier export (its manifest says so), the only folder export may replace."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _clear_out(out: Path, sources: list[RunFolder]) -> None:
+    """Make way for a bundle at ``out``: remove an earlier bundle there, refuse anything else.
+
+    A run folder also holds a ``manifest.json``, so only a bundle's own format marks a folder
+    that export may delete; the run being exported (or one of its members) is never ``out``."""
+    target = out.resolve()
+    for source in sources:
+        here = source.path.resolve()
+        if target == here or target in here.parents:
+            raise DataError(f"{out}: is the run {source.path} or holds it; choose a new folder for --out, such as bundles/{source.path.name}")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is a file; choose a new folder for --out")
+    if any(out.iterdir()) and not _is_bundle(out):
+        raise DataError(f"{out}: exists and is not a bundle (a run folder or other files); choose an empty or new folder for --out")
+    shutil.rmtree(out)
+
+
 def export_bundle(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the bundle of a run or a mean ensemble into ``out``; returns ``out``."""
     folder, out = RunFolder(run), Path(out)
     manifest = _check_exportable(folder)
     ensemble = bool(folder.members())
     members = folder.members() or [folder]
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
-        raise DataError(f"{out}: exists and is not a bundle; choose an empty or new folder for --out")
-    if out.exists():
-        shutil.rmtree(out)
+    _clear_out(out, [folder, *members])
     out.mkdir(parents=True)
     entries = []
     for i, member in enumerate(members):
         model, cfg = load_run_model(member.path)
         tflite = out / f"member{i}.tflite"
         tflite.write_bytes(litert_model(model, cfg.input_size))
-        np.savez(out / f"member{i}_head.npz", **_head_weights(model))
+        head = out / f"member{i}_head.npz"
+        np.savez(head, **_head_weights(model))
         entries.append(dict(
             run=member.label, model=cfg.model, file=tflite.name, sha256=file_sha256(tflite), image_size=cfg.image_size,
             input_shape=list(hw(cfg.input_size)),
-            temperature=float(member.manifest().get("temperature", 1.0)), head=f"member{i}_head.npz", config=asdict(cfg),
+            temperature=float(member.manifest().get("temperature", 1.0)), head=head.name, head_sha256=file_sha256(head), config=asdict(cfg),
         ))
         log.info("Exported %s (%s, %s) -> %s", member.path, cfg.model, size_text(cfg.input_size), tflite)
     version = BUNDLE_VERSION if all(h == w for h, w in (e["input_shape"] for e in entries)) else BUNDLE_VERSION_SHAPES

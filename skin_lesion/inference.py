@@ -90,6 +90,7 @@ def load_run_model(run: str | os.PathLike) -> tuple[keras.Model, TrainConfig]:
 
 
 FRAME_VIEWS = 4  # the flips and the half turn: all the views that keep a non-square frame's shape
+SQUARE_VIEWS = 8  # the four rotations of a square, each also flipped
 
 
 def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
@@ -109,9 +110,9 @@ def dihedral_views(x: tf.Tensor, n: int) -> list[tf.Tensor]:
 
 
 def tta_views(image_size: Size, tta: int) -> int:
-    """How many of ``tta`` views a model of input ``image_size`` gets: at most 4 for a non-square frame."""
+    """How many of ``tta`` views a model of input ``image_size`` gets: 1 to 8 for a square, at most 4 for a non-square frame."""
     height, width = hw(image_size)
-    return tta if height == width else max(1, min(tta, FRAME_VIEWS))
+    return max(1, min(tta, SQUARE_VIEWS if height == width else FRAME_VIEWS))
 
 
 def kept_function(model: keras.Model, key: tuple, build: Callable[[weakref.ref], Any]) -> Any:
@@ -164,6 +165,15 @@ def predict_probs(model: keras.Model, frame: pd.DataFrame, image_size: Size, bat
     return np.concatenate([fn(x).numpy() for x, _ in pipe.dataset]).astype("float64")
 
 
+def _check_resize_out(out: RunFolder, run: RunFolder) -> None:
+    """Refuse an ``--out`` that holds anything but an earlier resized copy of ``run``: its model would be replaced."""
+    if not out.path.exists() or not any(out.path.iterdir()):
+        return
+    source = out.config().extra.get("resized_from") if out.config_file.exists() else None
+    if source is None or (out.path / source).resolve() != run.path.resolve():
+        raise DataError(f"{out.path}: already holds files that are not a resized copy of {run.path}; choose a new folder for --out")
+
+
 def resize_run(run: str | os.PathLike, image_size: int, out: str | os.PathLike) -> Path:
     """Copy a run into ``out`` with its model taking ``image_size`` px wide inputs of the
     run's own aspect (the same weights: the backbones end in global pooling, so any size fits).
@@ -175,6 +185,7 @@ def resize_run(run: str | os.PathLike, image_size: int, out: str | os.PathLike) 
     run, out = RunFolder(run), Path(out)
     if out.resolve() == run.path.resolve():
         raise DataError(f"{out}: resizing a run needs another folder than the run itself; pass --out")
+    _check_resize_out(RunFolder(out), run)
     model, cfg = load_run_model(run)
     size = input_size(image_size, cfg.aspect)
     if min(hw(size)) < 32:  # the backbones downsample 32-fold
@@ -185,8 +196,10 @@ def resize_run(run: str | os.PathLike, image_size: int, out: str | os.PathLike) 
         sized.set_weights(model.get_weights())
     except ValueError as e:
         raise DataError(f"{run.model_file}: this model cannot take {size_text(size)} inputs ({e})") from e
-    out.mkdir(parents=True, exist_ok=True)
-    sized.save(out / "model.keras")
+    target = RunFolder(out).mkdir().model_file
+    partial = target.with_name("partial-" + target.name)  # Keras wants the .keras suffix; renamed once whole
+    sized.save(partial)
+    os.replace(partial, target)
     extra = {**cfg.extra, "resized_from": os.path.relpath(run.path.resolve(), out.resolve())}
     run.derive(out, image_size=image_size, extra=extra)
     return out

@@ -1,8 +1,10 @@
 """tf.data input pipelines, class-imbalance sampling, and the one image decoder.
 
-``decode_resize`` is the only way pixels enter the package: training,
-evaluation, Grad-CAM and ``predict`` all read images through it (``read_image``
-for single files), so a model sees the same pixels wherever it runs.
+``decode_resize`` is how pixels enter every TensorFlow path: training,
+evaluation, Grad-CAM and ``predict --run`` all read images through it
+(``read_image`` for single files), so a model sees the same pixels wherever it
+runs; the TensorFlow-free bundle decodes with ``pixels.decode_rgb``, which
+matches it within one level (tested).
 
 Why this order (the tf.data performance guide): decoding and resizing are
 deterministic and costly, so they run once in parallel and are cached;

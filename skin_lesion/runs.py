@@ -138,6 +138,18 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
+    def check_output(self, kind: str, inputs: list[RunFolder] = ()) -> None:
+        """Refuse to write a ``kind`` (a mean ensemble, a decision layer) here when this folder is one
+        of its ``inputs`` or already holds something else (a trained run, another kind): a mistyped
+        ``--out`` must not turn a run into an ensemble of itself. The same kind is rewritten, as a
+        rerun of the study does."""
+        here = self.path.resolve()
+        if any(r.path.resolve() == here for r in inputs):
+            raise DataError(f"{self.path}: is one of the runs it is made from; choose a new folder for --out")
+        held = self.manifest().get("kind") or ("run" if self.config_file.exists() else None)
+        if held not in (None, kind):
+            raise DataError(f"{self.path}: already holds a {held.replace('_', ' ')}, not a {kind.replace('_', ' ')}; choose a new folder for --out")
+
     # ------------------------------------------------------------------ config and state
 
     def config(self) -> TrainConfig:

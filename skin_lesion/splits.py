@@ -53,6 +53,9 @@ def lesion_folds(meta: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
     """Assign each image a fold 0..k-1 with StratifiedGroupKFold (groups = lesion_id)."""
     if k < 2:
         raise DataError(f"--folds must be at least 2 (got {k})")
+    lesions = meta["lesion_id"].nunique()
+    if lesions < k:
+        raise DataError(f"--folds {k}: the data holds only {lesions} lesion(s); ask for at most {lesions} folds")
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     fold = np.full(len(meta), -1, dtype=int)
     for f, (_, idx) in enumerate(sgkf.split(meta, meta["dx"], groups=meta["lesion_id"])):
@@ -60,10 +63,20 @@ def lesion_folds(meta: pd.DataFrame, k: int = 5, seed: int = 0) -> pd.Series:
     return pd.Series(fold, index=meta.index, name="fold")
 
 
+MIN_PER_CLASS_BY_IMAGE = 3  # a class stratified into train, val and test needs an image for each
+
+
 def image_split(meta: pd.DataFrame, val: float = 0.15, test: float = 0.15, seed: int = 0) -> pd.Series:
     """The leaky split by image (as in the paper), for the leakage comparison only."""
-    rest, test_idx = train_test_split(meta.index, test_size=test, stratify=meta["dx"], random_state=seed)
-    train_idx, val_idx = train_test_split(rest, test_size=val / (1 - test), stratify=meta.loc[rest, "dx"], random_state=seed)
+    counts = meta["dx"].value_counts()
+    if (counts < MIN_PER_CLASS_BY_IMAGE).any():
+        rare = ", ".join(f"{c} ({n})" for c, n in counts[counts < MIN_PER_CLASS_BY_IMAGE].items())
+        raise DataError(f"--by image stratifies each class over three parts: {rare} has fewer than {MIN_PER_CLASS_BY_IMAGE} images; split by lesion or add images")
+    try:
+        rest, test_idx = train_test_split(meta.index, test_size=test, stratify=meta["dx"], random_state=seed)
+        train_idx, val_idx = train_test_split(rest, test_size=val / (1 - test), stratify=meta.loc[rest, "dx"], random_state=seed)
+    except ValueError as e:  # too few images for a stratified part (scikit-learn says which)
+        raise DataError(f"--by image: {e}; split by lesion or add images") from e
     part = pd.Series("train", index=meta.index, name="split")
     part.loc[val_idx] = "val"
     part.loc[test_idx] = "test"

@@ -152,6 +152,7 @@ def score_decision_layer(layer: DecisionLayer, test_probs: dict[str, np.ndarray]
         **(extra or {}),
     )
     if out is not None:
+        RunFolder(out).check_output("decision_layer", runs or [])
         folder = RunFolder(out).mkdir()
         folder.write_json(folder.metrics_file(name), result)
         folder.write_table(folder.predictions_file(name), prediction_table(test, probs, pred))
@@ -168,6 +169,7 @@ def stack_runs(runs: list[str | os.PathLike], out: str | os.PathLike, target_mel
     score it on their shared test split; writes ``metrics.json`` and
     ``predictions.csv`` into ``out``."""
     runs = [RunFolder(r) for r in runs]
+    RunFolder(out).check_output("decision_layer", runs)  # before the fit, not after it
     val, val_probs = aligned_probabilities(runs, "val")
     test, test_probs = aligned_probabilities(runs, TEST)
     layer = fit_decision_layer(val_probs, val, target_mel_recall=target_mel_recall, mel_confidence=mel_confidence)

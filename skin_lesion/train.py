@@ -84,10 +84,12 @@ def phases(cfg: TrainConfig) -> list[Phase]:
 def prepare_split(cfg: TrainConfig, ds: Dataset, run: RunFolder, fresh: bool = True) -> pd.DataFrame:
     """Make (or reuse, on resume) the run's ``split.csv`` and return metadata with a ``split`` column.
 
-    With ``cfg.split_file`` a fresh start reads and checks that table again, so a
-    table edited after a start that died is the one used, not the copy it left.
+    A fresh start makes the table again from its config (or, with ``cfg.split_file``,
+    reads and checks that table again), so a start that died before its first epoch
+    leaves no stale split behind for a restart with another seed or split option. A
+    refit keeps the table its source derived for it (train + validation).
     """
-    table = None if cfg.split_file and fresh else run.read_split()
+    table = None if fresh and (cfg.split_file or refit_of(run) is None) else run.read_split()
     if table is None:
         if cfg.split_file:
             table = read_split_file(cfg.split_file, ds.meta)
@@ -160,7 +162,7 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str, fresh: bool = T
     log.info("Strategy: %s with %d replica(s)%s", name, strategy.num_replicas_in_sync,
              f" on {workers} workers (this is worker {worker_index()})" if workers > 1 else "")
     keras.utils.set_random_seed(cfg.seed)
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.data, verify_images=fresh)  # a corrupt file named now, not as a TensorFlow error mid-epoch
     meta = prepare_split(cfg, ds, run, fresh)
     parts = {name: meta[meta["split"] == name] for name in ("train", "val")}
     size = hw(cfg.input_size)

@@ -23,9 +23,10 @@ import pandas as pd
 from skin_lesion.callbacks import BalancedAccuracy
 from skin_lesion.config import LITE_NAMES, TrainConfig, is_pretrained
 from skin_lesion.data import label_ids, load_dataset
+from skin_lesion.info import UserError
 from skin_lesion.models import build_model, lite_stage_first_block, set_backbone_trainable
 from skin_lesion.pipeline import make_pipeline
-from skin_lesion.runs import RunFolder
+from skin_lesion.runs import RunFolder, write_atomic
 from skin_lesion.train import compile_model, prepare_split
 
 log = logging.getLogger("skin_lesion")
@@ -82,14 +83,14 @@ def tune(run: str | Path, data: str | None = None, trials: int = 6, epochs: int 
     table = pd.DataFrame(rows).sort_values("val_balanced_accuracy", ascending=False)
     failed = int((table["status"] != "COMPLETED").sum())
     if failed == len(table):
-        raise RuntimeError(f"every one of the {failed} tuning trials failed (KerasTuner's log above says why); no best config written")
+        raise UserError(f"{run}: every one of the {failed} tuning trials failed (KerasTuner's log above says why); no best config written")
     if failed:
         log.warning("Tuning: %d of %d trials failed; the best config comes from the others", failed, len(table))
-    table.to_csv(run / "trials.csv", index=False)
+    write_atomic(run / "trials.csv", table.to_csv(index=False))
     best = tuner.get_best_hyperparameters(1)[0].values
     best_cfg = TrainConfig(**{**asdict(cfg), "image_size": best["image_size"], "dropout": best["dropout"], "unfreeze_from": best["unfreeze_from"],
                               "finetune_lr": best["lr"], "imbalance": best["imbalance"], "max_per_class": None, "run": "runs/tuned"})
     best_cfg.extra = {"tuned_by": str(run / "trials.csv"), "trials": trials, "epochs_per_trial": epochs, "search_seconds": round(time.time() - t0)}
-    (run / "best_config.json").write_text(json.dumps(asdict(best_cfg), indent=2))
+    write_atomic(run / "best_config.json", json.dumps(asdict(best_cfg), indent=2))
     log.info("Tuning: %d trials x %d epochs in %.0f s; best val balanced accuracy %.4f", trials, epochs, time.time() - t0, table["val_balanced_accuracy"].max())
     return run / "best_config.json"

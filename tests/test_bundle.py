@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, cli
 
-from skin_lesion.info import CLASSES
+from skin_lesion.info import CLASSES, DataError
 
 
 @pytest.mark.parametrize("name", ["smoke_efficientnet_lite0", "smoke_ensemble"])
@@ -137,6 +137,13 @@ def _broken_copy(bundle: Path, tmp_path: Path, how: str) -> Path:
         (out / "guard.npz").unlink()
     elif how == "damaged_guard":
         (out / "guard.npz").write_bytes(b"PK" + os.urandom(512))
+    elif how == "missing_head":
+        (out / manifest["members"][0]["head"]).unlink()
+    elif how == "damaged_head":
+        (out / manifest["members"][0]["head"]).write_bytes(b"PK" + os.urandom(512))
+    elif how == "damaged_head_of_an_older_export":  # no head_sha256 recorded: np.load finds the damage
+        (out / manifest["members"][0]["head"]).write_bytes(b"PK" + os.urandom(512))
+        del manifest["members"][0]["head_sha256"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -151,6 +158,9 @@ def _broken_copy(bundle: Path, tmp_path: Path, how: str) -> Path:
     ("missing_manifest", "manifest.json: missing"),
     ("missing_guard", "guard.npz: missing"),
     ("damaged_guard", "damaged or replaced"),
+    ("missing_head", "member0_head.npz: missing"),
+    ("damaged_head", "member0_head.npz: damaged or replaced"),
+    ("damaged_head_of_an_older_export", "not the head weights export wrote"),
 ])
 def test_a_broken_bundle_is_one_line_and_exit_2(bundles, lesion_images, tmp_path, how, says):
     broken = _broken_copy(bundles["smoke_efficientnet_lite0"], tmp_path, how)
@@ -166,3 +176,28 @@ def test_export_needs_an_evaluated_run(smoke_runs, tmp_path):
     (run / "manifest.json").write_text(json.dumps({"kind": "run", "image_size": 64}))
     res = cli("export", "--run", str(run), "--out", str(tmp_path / "b"))
     assert res.returncode == 2 and "not evaluated yet" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_export_never_deletes_a_run_folder(smoke_runs, bundles, tmp_path):
+    """A run folder holds a manifest.json too: --out on it (the run itself, one of the ensemble's
+    members, the folder holding them, or another run's folder) is refused and every file stays;
+    only an earlier bundle is replaced."""
+    from skin_lesion.export import _clear_out, export_bundle
+    from skin_lesion.runs import RunFolder
+
+    ensemble, member, other = (smoke_runs / n for n in ("smoke_ensemble", "smoke_cnn", "smoke_stacked"))
+    before = {p: sorted(f.name for f in p.iterdir()) for p in (ensemble, member, other)}
+    res = cli("export", "--run", str(ensemble), "--out", str(ensemble))
+    assert res.returncode == 2 and "choose a new folder for --out" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    for out, says in ((member, "is the run"), (other, "is not a bundle"), (smoke_runs, "is the run")):
+        with pytest.raises(DataError, match=says):
+            export_bundle(ensemble, out)
+    assert {p: sorted(f.name for f in p.iterdir()) for p in before} == before
+    assert RunFolder(member).manifest()["kind"] == "run"
+
+    earlier = shutil.copytree(bundles["smoke_ensemble"], tmp_path / "earlier")
+    _clear_out(earlier, [RunFolder(ensemble)])
+    assert not earlier.exists()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        _clear_out(tmp_path / "a_file", [RunFolder(ensemble)])

@@ -107,8 +107,40 @@ def test_the_command_line_refuses_before_training(demo_dir, table, tmp_path):
     res = cli("train", "--config", str(tmp_path / "smoke.json"), "--split", str(tmp_path / "leak.csv"), "--data", str(demo_dir), "--run", str(tmp_path / "r5"))
     assert res.returncode == 2 and "lesion(s) in more than one part" in res.stderr
     res = cli("train", "--refit-from", str(tmp_path / "r"), "--split", str(tmp_path / "leak.csv"), "--run", str(tmp_path / "r6"))
-    assert res.returncode == 1 and "drop --split " in res.stderr
+    assert res.returncode == 2 and "drop --split " in res.stderr
     table.to_csv(tmp_path / "ok.csv", index=False)
     for other in (["--folds", "3"], ["--holdout-source", "synthetic_demo"], ["--split-by", "image"], ["--max-per-class", "5"]):
         res = cli("train", "--profile", "smoke", "--split", str(tmp_path / "ok.csv"), *other, "--data", str(demo_dir), "--run", str(tmp_path / "r3"))
         assert res.returncode == 2 and "--split trains on the table's own parts; it does not combine with" in res.stderr, other
+
+
+def test_a_fresh_start_makes_its_split_again(demo_dir, table, tmp_path):
+    """A start that died before its first epoch leaves its split.csv behind; a restart with
+    another seed makes the split of its own config, while a resumed run keeps the table."""
+    from skin_lesion.config import TrainConfig
+    from skin_lesion.train import prepare_split
+
+    ds = data.load_dataset(demo_dir)
+    run = RunFolder(tmp_path / "run").mkdir()
+    run.write_split(table)  # seed 0's, left by the start that died
+    cfg = TrainConfig(model="cnn", profile="smoke", run=str(run.path), seed=1, data=str(demo_dir)).resolved()
+    meta = prepare_split(cfg, ds, run, fresh=True)
+    seed1 = splits.make_split_table(splits.subsample(ds.meta, cfg.max_per_class, 1), seed=1)
+    assert not seed1.equals(table)
+    assert run.read_split()[["image_id", "split"]].equals(seed1[["image_id", "split"]].reset_index(drop=True))
+    assert set(meta.loc[meta["split"] == "test", "image_id"]) == set(seed1.loc[seed1["split"] == "test", "image_id"])
+    run.write_split(table)
+    resumed = prepare_split(cfg, ds, run, fresh=False)
+    assert set(resumed.loc[resumed["split"] == "test", "image_id"]) == set(table.loc[table["split"] == "test", "image_id"])
+
+
+def test_a_corrupt_image_stops_a_fresh_run_before_training(demo_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(demo_dir, copy)
+    victim = sorted((copy / "images").iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated JPEG
+    res = cli("train", "--profile", "smoke", "--model", "cnn", "--data", str(copy), "--run", str(tmp_path / "run"))
+    assert res.returncode == 2 and f"{victim}: unreadable or corrupt image" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run" / "history.csv").exists()

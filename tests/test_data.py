@@ -148,6 +148,21 @@ def test_split_cli_writes_csv(demo_dir, tmp_path):
     assert {"image_id", "lesion_id", "dx", "fold"} <= set(table.columns) and table["fold"].nunique() == 3
 
 
+def test_splits_the_data_cannot_hold_are_one_line(demo_dir, tmp_path):
+    """More folds than lesions, or a class too small to stratify by image: one line
+    naming what to change, no scikit-learn traceback."""
+    d = tmp_path / "tiny"
+    shutil.copytree(demo_dir, d)
+    meta = pd.read_csv(d / METADATA_FILE)
+    keep = meta[meta["dx"] != "df"].groupby("dx").head(6)
+    pd.concat([keep, meta[meta["dx"] == "df"].head(1)]).to_csv(d / METADATA_FILE, index=False)
+    res = cli("data", "split", "--data", str(d), "--by", "image", "--out", str(tmp_path / "s.csv"))
+    assert res.returncode == 2 and "df (1) has fewer than 3 images" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    many = str(pd.read_csv(d / METADATA_FILE)["lesion_id"].nunique() + 1)
+    res = cli("data", "split", "--data", str(d), "--folds", many, "--out", str(tmp_path / "f.csv"))
+    assert res.returncode == 2 and f"ask for at most {int(many) - 1} folds" in res.stderr, res.stderr[-2000:]
+
+
 def test_demo_set_is_deterministic_and_ham_shaped(tmp_path):
     a = demo.make_demo(tmp_path / "a", n_images=120, seed=5)
     b = demo.make_demo(tmp_path / "b", n_images=120, seed=5)

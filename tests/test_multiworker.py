@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from conftest import ROOT, cli
 
-from skin_lesion.commands import worker_argv
 from skin_lesion.info import UserError
+from skin_lesion.train_command import worker_argv
 from skin_lesion.workers import WorkerFailed, cluster_config, free_ports, launch_local_workers, tf_config
 
 # Lite0 at 64 px on a few images per class; no dropout, whose masks each worker
@@ -141,7 +141,7 @@ def test_cluster_helpers(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", cluster_config(["a:1", "b:2"], 0))
     for command in ("study", "report"):  # they train in one process
         res = cli(command, "--profile", "smoke")
-        assert res.returncode == 1 and "trains in one process; unset TF_CONFIG" in res.stderr
+        assert res.returncode == 2 and "trains in one process; unset TF_CONFIG" in res.stderr
     monkeypatch.delenv("TF_CONFIG")
     assert tf_config() is None
     assert worker_argv(["--run", "r", "--local-workers", "2", "--seed", "1"]) == ["--run", "r", "--seed", "1", "--no-eval"]

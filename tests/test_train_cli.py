@@ -159,6 +159,37 @@ def test_evaluate_at_another_input_size_writes_a_run_that_ensembles(demo_run, de
     assert res.returncode != 0 and "--image-size and --out go together" in res.stderr
 
 
+def test_a_mistyped_out_never_overwrites_a_run(demo_run, tmp_path):
+    """ensemble, stack and evaluate --image-size write only into a new folder or one of their own
+    kind: --out on a trained run, on one of the inputs or on another kind is one line, and the
+    folder keeps every file; the same kind is rewritten, as a rerun of the study does."""
+    def files(folder):
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    before = files(demo_run)
+    ens, stacked = tmp_path / "ens", tmp_path / "stacked"
+    for args, says in [
+        (("ensemble", str(demo_run), str(demo_run / "average"), "--out", str(demo_run)), "is one of the runs it is made from"),
+        (("stack", str(demo_run / "average"), "--out", str(demo_run)), "already holds a run, not a decision layer"),
+        (("evaluate", "--run", str(demo_run / "average"), "--image-size", "80", "--out", str(demo_run)), "not a resized copy"),
+    ]:
+        res = cli(*args)
+        assert res.returncode == 2 and says in res.stderr and "Traceback" not in res.stderr, (args, res.stderr[-2000:])
+    assert files(demo_run) == before
+    assert cli("ensemble", str(demo_run), str(demo_run / "average"), "--out", str(ens)).returncode == 0
+    assert cli("stack", str(demo_run), "--out", str(stacked)).returncode == 0
+    res = cli("stack", str(demo_run), "--out", str(ens))
+    assert res.returncode == 2 and "already holds a mean ensemble, not a decision layer" in res.stderr, res.stderr[-2000:]
+    res = cli("ensemble", str(demo_run), str(demo_run / "average"), "--out", str(stacked))
+    assert res.returncode == 2 and "already holds a decision layer, not a mean ensemble" in res.stderr, res.stderr[-2000:]
+    assert cli("ensemble", str(demo_run), str(demo_run / "average"), "--out", str(ens)).returncode == 0  # its own kind again
+    at48 = tmp_path / "at48"
+    assert cli("evaluate", "--run", str(demo_run), "--image-size", "48", "--out", str(at48), "--tta", "1").returncode == 0
+    res = cli("evaluate", "--run", str(demo_run / "average"), "--image-size", "48", "--out", str(at48), "--tta", "1")
+    assert res.returncode == 2 and "not a resized copy" in res.stderr, res.stderr[-2000:]
+    assert cli("evaluate", "--run", str(demo_run), "--image-size", "56", "--out", str(at48), "--tta", "1").returncode == 0
+
+
 def test_summarize_gives_each_run_and_mean_and_sd(demo_run, tmp_path):
     stacked = tmp_path / "stacked"
     assert cli("stack", str(demo_run), "--out", str(stacked)).returncode == 0
@@ -256,8 +287,11 @@ def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     proc.wait()
     done_before = len(pd.read_csv(history))
     assert 2 <= done_before < 6, "the run should be killed part-way"
-    res = cli("train", "--run", str(run), "--resume", "--no-eval")
+    # options typed beside --resume cannot change the run: the ones that differ are named as ignored
+    res = cli("train", "--run", str(run), "--resume", "--no-eval", "--model", "cnn", "--epochs", "9")
     assert res.returncode == 0, res.stderr[-3000:]
+    warning = [line for line in res.stderr.splitlines() if "continues with its own config.json" in line]
+    assert len(warning) == 1 and warning[0].endswith("ignoring --epochs 9 (the run has 6)"), res.stderr[-3000:]
     hist = pd.read_csv(history)
     assert hist["epoch"].tolist() == list(range(6))  # every epoch once, none lost, none repeated
     assert (run / "model.keras").exists()  # the best epoch
