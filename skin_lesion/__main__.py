@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -26,6 +27,8 @@ def _ranged(kind: type, low: float | None = None, high: float | None = None, hig
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if (low is not None and value < low) or (high is not None and (value >= high if high_open else value > high)):
             upper = "" if high is None else (f" and below {high}" if high_open else f" and at most {high}")
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be at least {low}{upper}")

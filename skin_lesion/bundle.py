@@ -99,7 +99,7 @@ def _load_head(folder: Path, entry: dict) -> np.ndarray:
     try:
         with np.load(path) as f:
             return np.vstack([f["kernel"], f["bias"][None]])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise BundleError(f"{path}: not the head weights export wrote ({type(e).__name__}); export the bundle again") from e
 
 

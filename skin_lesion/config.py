@@ -140,6 +140,8 @@ class TrainConfig:
             raise DataError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
         if self.model not in MODEL_NAMES:
             raise DataError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if self.fold is not None and not (self.folds and 0 <= self.fold < self.folds):
+            raise DataError(f"--fold {self.fold} needs --folds K with K above it (folds are numbered 0 to K-1)")
         if self.split_file and (self.folds or self.holdout_source or self.split_by != "lesion" or self.max_per_class):
             raise DataError("--split trains on the table's own parts; it does not combine with --folds, --holdout-source, --split-by image or --max-per-class")
         prof = {**PROFILES[self.profile], **MODEL_PROFILES.get((self.model, self.profile), {})}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def metadata_features(frame: pd.DataFrame, parts: tuple[str, ...] = METADATA_PAR
 def load_dataset(data: str | os.PathLike | None = None, verify_images: bool = False) -> Dataset:
     """Load the dataset folder (see :func:`resolve_data_dir`) with an absolute
     ``path`` per image; raise DataError if any listed image is absent or, with
-    ``verify_images`` (a few seconds for HAM10000), cannot be decoded."""
+    ``verify_images``, cannot be decoded (:func:`check_images`)."""
     root, synthetic = resolve_data_dir(data)
     meta = read_metadata(root / METADATA_FILE)
     index = image_index(root)
@@ -174,12 +175,19 @@ def load_dataset(data: str | os.PathLike | None = None, verify_images: bool = Fa
         raise DataError(f"{root}: {len(missing)} image(s) listed in {METADATA_FILE} are absent, e.g. {missing[0]}.jpg; run `python -m skin_lesion data check --data {root}`")
     meta["path"] = [str(index[i]) for i in meta["image_id"]]
     if verify_images:
-        bad = [p for p in (corrupt_image(Path(x)) for x in meta["path"]) if p]
-        if bad:
-            raise DataError(bad[0])
+        check_images(meta["path"])
     if synthetic:
         log.warning("Data: %s", SYNTHETIC_LABEL)
     return Dataset(root=root, meta=meta, synthetic=synthetic)
+
+
+def check_images(paths: Iterable[str | os.PathLike]) -> None:
+    """Decode every image with Pillow and raise a DataError naming the first that fails
+    (HAM10000's 200x150 JPEGs: about 0.3 ms each on one core)."""
+    for path in paths:
+        problem = corrupt_image(Path(path))
+        if problem:
+            raise DataError(problem)
 
 
 def corrupt_image(path: Path) -> str | None:
@@ -245,17 +253,17 @@ def read_labels(csv: str | os.PathLike) -> pd.DataFrame:
         values = df[list(ISIC_COLUMNS)].apply(pd.to_numeric, errors="coerce")
         rows = np.where(values.isna().any(axis=1))[0]
         if len(rows):
-            raise DataError(f"{csv}: ISIC one-hot cells must be numbers (0 or 1); row(s) {_lines(rows)} hold something else")
+            raise DataError(f"{csv}: ISIC one-hot cells must be numbers (0 or 1); data row(s) {_lines(rows)} hold something else")
         onehot = values.to_numpy(dtype=float)
         if not np.allclose(onehot.sum(1), 1):
-            raise DataError(f"{csv}: ISIC one-hot rows must sum to 1; row(s) {_lines(np.where(~np.isclose(onehot.sum(1), 1))[0])} do not")
+            raise DataError(f"{csv}: ISIC one-hot rows must sum to 1; data row(s) {_lines(np.where(~np.isclose(onehot.sum(1), 1))[0])} do not")
         out = pd.DataFrame({"image_id": df["image"], "dx": [ISIC_COLUMNS[i].lower() for i in onehot.argmax(1)]})
     else:
         raise DataError(f"{csv}: unknown label format; expected columns image_id,dx or image,{','.join(ISIC_COLUMNS)}")
     for column in ("image_id", "dx"):
         rows = np.where(out[column].isna() | (out[column].astype(str).str.strip() == ""))[0]
         if len(rows):
-            raise DataError(f"{csv}: empty {column} in row(s) {_lines(rows)}; fill them in or drop those rows")
+            raise DataError(f"{csv}: empty {column} in data row(s) {_lines(rows)}; fill them in or drop those rows")
     repeated = sorted(out.loc[out["image_id"].duplicated(), "image_id"].unique())
     if repeated:
         raise DataError(f"{csv}: image_id(s) {repeated[:5]} labelled more than once; keep one row per image")
@@ -266,8 +274,8 @@ def read_labels(csv: str | os.PathLike) -> pd.DataFrame:
 
 
 def _lines(rows: np.ndarray) -> str:
-    """Row positions as a CSV's line numbers (the header is line 1), the first five."""
-    shown = ", ".join(str(int(r) + 2) for r in rows[:5])
+    """Row positions counted from 1 after the header (blank lines not counted), the first five."""
+    shown = ", ".join(str(int(r) + 1) for r in rows[:5])
     return shown + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 

@@ -146,8 +146,14 @@ class RunFolder:
         here = self.path.resolve()
         if any(r.path.resolve() == here for r in inputs):
             raise DataError(f"{self.path}: is one of the runs it is made from; choose a new folder for --out")
-        held = self.manifest().get("kind") or ("run" if self.config_file.exists() else None)
-        if held not in (None, kind):
+        if not self.path.is_dir() or not any(self.path.iterdir()):
+            return
+        manifest = self.manifest()
+        if "format" in manifest:  # an exported bundle's manifest names its format; a run's never does
+            held = "bundle"
+        else:
+            held = manifest.get("kind") or ("run" if self.config_file.exists() else "folder of other files")
+        if held != kind:
             raise DataError(f"{self.path}: already holds a {held.replace('_', ' ')}, not a {kind.replace('_', ' ')}; choose a new folder for --out")
 
     # ------------------------------------------------------------------ config and state

@@ -24,7 +24,7 @@ import pandas as pd
 from skin_lesion.bn_statistics import Moments, estimate_statistics, set_statistics
 from skin_lesion.callbacks import BalancedAccuracy, EpochLog, EpochSeconds, RunCheckpoint, WeightAverage, cosine_lr
 from skin_lesion.config import TrainConfig, check_same_config, is_pretrained
-from skin_lesion.data import Dataset, label_ids, load_dataset
+from skin_lesion.data import Dataset, check_images, label_ids, load_dataset
 from skin_lesion.distribute import prepare_model, shard_by_data, strategy_for, uses_gpu_path
 from skin_lesion.info import DataError
 from skin_lesion.losses import make_loss
@@ -162,8 +162,10 @@ def _train(cfg: TrainConfig, run: RunFolder, verbose: int | str, fresh: bool = T
     log.info("Strategy: %s with %d replica(s)%s", name, strategy.num_replicas_in_sync,
              f" on {workers} workers (this is worker {worker_index()})" if workers > 1 else "")
     keras.utils.set_random_seed(cfg.seed)
-    ds = load_dataset(cfg.data, verify_images=fresh)  # a corrupt file named now, not as a TensorFlow error mid-epoch
+    ds = load_dataset(cfg.data)
     meta = prepare_split(cfg, ds, run, fresh)
+    if fresh:  # a corrupt file the run reads is named now, not as a TensorFlow error mid-epoch
+        check_images(meta["path"])
     parts = {name: meta[meta["split"] == name] for name in ("train", "val")}
     size = hw(cfg.input_size)
     in_pipeline = cfg.augment if cfg.augment_on == "pipeline" else False

@@ -61,11 +61,11 @@ REFIT_KEEPS = ("run", "data", "devices", "gpu_path")  # the TrainConfig options 
 OPTION_FLAGS = {"split_file": "split"}  # TrainConfig fields whose option is not the field's name
 
 
-def typed_options(args) -> dict:
-    """The TrainConfig options typed on the command line, less those any run takes anew (``REFIT_KEEPS``)."""
+def typed_options(args, keep: tuple[str, ...] = REFIT_KEEPS) -> dict:
+    """The TrainConfig options typed on the command line, less ``keep`` (by default those a refit takes anew)."""
     from skin_lesion.config import TrainConfig
 
-    return {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in REFIT_KEEPS}
+    return {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None and k not in keep}
 
 
 def warn_resume_ignores(args, cfg) -> None:
@@ -73,9 +73,13 @@ def warn_resume_ignores(args, cfg) -> None:
     from skin_lesion.runs import RunFolder
 
     run = RunFolder(cfg.run)
-    saved = run.config().__dict__ if run.config_file.exists() else {}
-    differ = [f"--{OPTION_FLAGS.get(k, k.replace('_', '-'))} {v} (the run has {saved[k]})" for k, v in typed_options(args).items()
-              if k in saved and k != "split_file" and saved[k] is not None and v != saved[k]]
+    if not run.config_file.exists():
+        return  # train says there is nothing to resume
+    saved, typed = run.config().__dict__, typed_options(args, keep=("run",))
+    if "split_file" in typed:
+        typed["split_file"] = str(Path(typed["split_file"]).resolve())  # as config.json records it
+    differ = [f"--{OPTION_FLAGS.get(k, k.replace('_', '-'))} {v} (the run has {'none' if saved[k] is None else saved[k]})"
+              for k, v in typed.items() if v != saved[k]]
     if differ:
         log.warning("train --resume: %s continues with its own config.json; ignoring %s", run.path, ", ".join(differ))
 
@@ -110,7 +114,7 @@ def train_cmd(args) -> int:
     if args.refit_half is not None and not args.refit_from:
         raise UserError("train --refit-half: goes with --refit-from RUN")
     cfg = refit_config(args) if args.refit_from else train_config(args)
-    if args.resume and not args.refit_from:
+    if args.resume and not args.refit_from and is_chief():
         warn_resume_ignores(args, cfg)
     if cfg.split_file and not args.resume and is_chief():
         check_split_file(cfg, evaluate=not args.no_eval)

@@ -70,7 +70,7 @@ def tune(run: str | Path, data: str | None = None, trials: int = 6, epochs: int 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(model=model, profile="cpu", data=data, run=str(run), max_per_class=max_per_class, seed=seed).resolved()
-    meta = prepare_split(cfg, load_dataset(data), RunFolder(run))
+    meta = prepare_split(cfg, load_dataset(data), RunFolder(run), fresh=False)  # KerasTuner resumes its trials: they keep their split
     tuner = kt.RandomSearch(
         LesionHyperModel(cfg, meta), objective=kt.Objective("val_balanced_accuracy", "max"), max_trials=trials, seed=seed,
         directory=str(run), project_name="kerastuner", overwrite=False,

@@ -195,6 +195,12 @@ def test_export_never_deletes_a_run_folder(smoke_runs, bundles, tmp_path):
     assert {p: sorted(f.name for f in p.iterdir()) for p in before} == before
     assert RunFolder(member).manifest()["kind"] == "run"
 
+    # and the other way round: a bundle is no place for an ensemble's or a decision layer's files
+    copy = shutil.copytree(bundles["smoke_ensemble"], tmp_path / "bundle_copy")
+    res = cli("ensemble", str(member), str(smoke_runs / "smoke_efficientnet_lite0"), "--out", str(copy))
+    assert res.returncode == 2 and "already holds a bundle, not a mean ensemble" in res.stderr, res.stderr[-2000:]
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in bundles["smoke_ensemble"].iterdir())
+
     earlier = shutil.copytree(bundles["smoke_ensemble"], tmp_path / "earlier")
     _clear_out(earlier, [RunFolder(ensemble)])
     assert not earlier.exists()

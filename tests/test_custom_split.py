@@ -4,6 +4,7 @@ table with part of its training set cut away), checked against the data first.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -139,7 +140,8 @@ def test_a_corrupt_image_stops_a_fresh_run_before_training(demo_dir, tmp_path):
 
     copy = tmp_path / "data"
     shutil.copytree(demo_dir, copy)
-    victim = sorted((copy / "images").iterdir())[5]
+    used = splits.subsample(data.load_dataset(copy).meta, 20, 0)  # the smoke profile's 20 a class: a file the run reads
+    victim = Path(used["path"].iloc[5])
     victim.write_bytes(victim.read_bytes()[:200])  # a truncated JPEG
     res = cli("train", "--profile", "smoke", "--model", "cnn", "--data", str(copy), "--run", str(tmp_path / "run"))
     assert res.returncode == 2 and f"{victim}: unreadable or corrupt image" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]

@@ -143,13 +143,13 @@ def test_label_files_both_formats_and_errors(tmp_path):
         read_labels(tmp_path / "bad.csv")
     with pytest.raises(DataError, match="not found"):
         read_labels(tmp_path / "none.csv")
-    # what a hand-edited file gets wrong: one line each, naming the file and the CSV line
+    # what a hand-edited file gets wrong: one line each, naming the file and the data row (1 = first after the header)
     for text, says in [
-        ("image_id,dx\nA,mel\nB,\nC,mole\n", r"ham.csv: empty dx in row\(s\) 3;"),
-        ("image_id,dx\nA,mel\n,nv\n", r"empty image_id in row\(s\) 3;"),
+        ("image_id,dx\nA,mel\nB,\nC,mole\n", r"ham.csv: empty dx in data row\(s\) 2;"),
+        ("image_id,dx\nA,mel\n,nv\n", r"empty image_id in data row\(s\) 2;"),
         ("image_id,dx\nA,mel\nA,nv\n", r"\['A'\] labelled more than once"),
-        ("image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\nA,1,0,0,0,0,0,0\nB,x,0,0,0,0,0,1\n", r"must be numbers \(0 or 1\); row\(s\) 3 hold"),
-        ("image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\nA,1,0,0,0,0,0,0\nB,1,0,0,0,0,0,1\n", r"must sum to 1; row\(s\) 3 do not"),
+        ("image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\nA,1,0,0,0,0,0,0\nB,x,0,0,0,0,0,1\n", r"must be numbers \(0 or 1\); data row\(s\) 2 hold"),
+        ("image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\nA,1,0,0,0,0,0,0\nB,1,0,0,0,0,0,1\n", r"must sum to 1; data row\(s\) 2 do not"),
     ]:
         (tmp_path / "ham.csv").write_text(text)
         with pytest.raises(DataError, match=says):

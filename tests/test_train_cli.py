@@ -182,6 +182,10 @@ def test_a_mistyped_out_never_overwrites_a_run(demo_run, tmp_path):
     assert res.returncode == 2 and "already holds a mean ensemble, not a decision layer" in res.stderr, res.stderr[-2000:]
     res = cli("ensemble", str(demo_run), str(demo_run / "average"), "--out", str(stacked))
     assert res.returncode == 2 and "already holds a decision layer, not a mean ensemble" in res.stderr, res.stderr[-2000:]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    res = cli("ensemble", str(demo_run), str(demo_run / "average"), "--out", str(tmp_path / "notes"))
+    assert res.returncode == 2 and "already holds a folder of other files" in res.stderr, res.stderr[-2000:]
     assert cli("ensemble", str(demo_run), str(demo_run / "average"), "--out", str(ens)).returncode == 0  # its own kind again
     at48 = tmp_path / "at48"
     assert cli("evaluate", "--run", str(demo_run), "--image-size", "48", "--out", str(at48), "--tta", "1").returncode == 0
@@ -291,7 +295,7 @@ def test_killed_run_resumes_to_the_same_epochs(demo_dir, tmp_path):
     res = cli("train", "--run", str(run), "--resume", "--no-eval", "--model", "cnn", "--epochs", "9")
     assert res.returncode == 0, res.stderr[-3000:]
     warning = [line for line in res.stderr.splitlines() if "continues with its own config.json" in line]
-    assert len(warning) == 1 and warning[0].endswith("ignoring --epochs 9 (the run has 6)"), res.stderr[-3000:]
+    assert len(warning) == 1 and warning[0].split("; ignoring ")[1] == "--epochs 9 (the run has 6)", res.stderr[-3000:]
     hist = pd.read_csv(history)
     assert hist["epoch"].tolist() == list(range(6))  # every epoch once, none lost, none repeated
     assert (run / "model.keras").exists()  # the best epoch
@@ -360,9 +364,20 @@ def test_the_gpu_code_path_runs_on_a_cpu(demo_dir, tmp_path):
         (("predict", "--model", "{tmp}/none", "x.jpg"), "none: bundle folder not found"),
         (("export", "--run", "{tmp}/none", "--out", "{tmp}/b"), "none: run folder not found"),
         (("train", "--data", "{tmp}/no-such-folder", "--run", "{tmp}/r"), "data folder not found"),
-        (("train", "--label-smoothing", "1.5", "--run", "{tmp}/r"), "label_smoothing must be in [0, 1)"),
-        (("train", "--mixup", "-1", "--run", "{tmp}/r"), "mixup must be 0 (off) or a positive Beta parameter"),
-        (("train", "--mixup", "nan", "--run", "{tmp}/r"), "mixup must be 0 (off) or a positive Beta parameter"),
+        # numbers out of range: argparse refuses them before anything runs
+        (("train", "--label-smoothing", "1.5", "--run", "{tmp}/r"), "argument --label-smoothing: 1.5 is out of range: it must be at least 0 and below 1"),
+        (("train", "--mixup", "-1", "--run", "{tmp}/r"), "argument --mixup: -1 is out of range: it must be at least 0"),
+        (("train", "--mixup", "nan", "--run", "{tmp}/r"), "argument --mixup: 'nan' is not a finite number"),
+        (("train", "--batch-size", "0", "--run", "{tmp}/r"), "argument --batch-size: 0 is out of range: it must be at least 1"),
+        (("train", "--epochs", "two", "--run", "{tmp}/r"), "argument --epochs: 'two' is not a whole number"),
+        (("train", "--image-size", "16", "--run", "{tmp}/r"), "argument --image-size: 16 is out of range: it must be at least 32"),
+        (("train", "--dropout", "1", "--run", "{tmp}/r"), "argument --dropout: 1 is out of range: it must be at least 0 and below 1"),
+        (("train", "--folds", "3", "--fold", "3", "--run", "{tmp}/r"), "--fold 3 needs --folds K with K above it"),
+        (("evaluate", "--run", "{tmp}/none", "--tta", "0"), "argument --tta: 0 is out of range: it must be at least 1 and at most 8"),
+        (("predict", "--run", "{tmp}/none", "--tta", "9", "x.jpg"), "argument --tta: 9 is out of range"),
+        (("stack", "{tmp}/none", "--out", "{tmp}/s", "--mel-confidence", "1.5"), "argument --mel-confidence: 1.5 is out of range: it must be at least 0 and below 1"),
+        (("ensemble", "{tmp}/none", "--out", "{tmp}/s", "--target-mel-recall", "inf"), "argument --target-mel-recall: 'inf' is not a finite number"),
+        (("ensemble", "{tmp}/none", "--out", "{tmp}/s", "--target-mel-recall", "nan"), "argument --target-mel-recall: 'nan' is not a finite number"),
         (("train", "--mixup", "0.2", "--imbalance", "class_weight", "--run", "{tmp}/r"), "mixup does not combine with imbalance class_weight"),
     ],
 )
