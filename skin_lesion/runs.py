@@ -138,6 +138,22 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
+    def _held_kind(self) -> str:
+        """What a non-empty folder holds: a bundle, a run, a mean ensemble or decision layer (from its
+        manifest, or for one written before manifests from its metrics), else other files."""
+        manifest = self.manifest()
+        if "format" in manifest:  # an exported bundle's manifest names its format; a run's never does
+            return "bundle"
+        if manifest.get("kind"):
+            return manifest["kind"]
+        if self.config_file.exists():
+            return "run"
+        try:
+            metrics = json.loads(self.metrics_file().read_text()) if self.metrics_file().exists() else {}
+        except ValueError:
+            metrics = {}
+        return "mean_ensemble" if "ensemble" in metrics else "decision_layer" if "decision_layer" in metrics else "folder of other files"
+
     def check_output(self, kind: str, inputs: list[RunFolder] = ()) -> None:
         """Refuse to write a ``kind`` (a mean ensemble, a decision layer) here when this folder is one
         of its ``inputs`` or already holds something else (a trained run, another kind): a mistyped
@@ -146,13 +162,11 @@ class RunFolder:
         here = self.path.resolve()
         if any(r.path.resolve() == here for r in inputs):
             raise DataError(f"{self.path}: is one of the runs it is made from; choose a new folder for --out")
-        if not self.path.is_dir() or not any(self.path.iterdir()):
+        if self.path.exists() and not self.path.is_dir():
+            raise DataError(f"{self.path}: is a file; choose a new folder for --out")
+        if not self.path.exists() or not any(self.path.iterdir()):
             return
-        manifest = self.manifest()
-        if "format" in manifest:  # an exported bundle's manifest names its format; a run's never does
-            held = "bundle"
-        else:
-            held = manifest.get("kind") or ("run" if self.config_file.exists() else "folder of other files")
+        held = self._held_kind()
         if held != kind:
             raise DataError(f"{self.path}: already holds a {held.replace('_', ' ')}, not a {kind.replace('_', ' ')}; choose a new folder for --out")
 
