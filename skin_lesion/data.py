@@ -305,7 +305,5 @@ def external_set(images: str | os.PathLike, labels: str | os.PathLike, name: str
     if table.empty:
         raise DataError(f"{images}: none of the images listed in {labels} is in the folder")
     table["path"] = [str(index[i]) for i in table["image_id"]]
-    bad = [p for p in (corrupt_image(Path(x)) for x in table["path"]) if p]
-    if bad:
-        raise DataError(bad[0])
+    check_images(table["path"])
     return ExternalSet(name or images.resolve().name, table, missing)

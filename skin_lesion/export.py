@@ -109,14 +109,6 @@ def _check_exportable(folder: RunFolder) -> dict:
     return manifest
 
 
-def _is_bundle(folder: Path) -> bool:
-    """Whether ``folder`` holds an earlier export (its manifest says so), the only folder export may replace."""
-    try:
-        return json.loads((folder / MANIFEST).read_text()).get("format") == BUNDLE_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _clear_out(out: Path, sources: list[RunFolder]) -> None:
     """Make way for a bundle at ``out``: remove an earlier bundle there, refuse anything else.
 
@@ -131,7 +123,7 @@ def _clear_out(out: Path, sources: list[RunFolder]) -> None:
         return
     if not out.is_dir():
         raise DataError(f"{out}: exists and is a file; choose a new folder for --out")
-    if any(out.iterdir()) and not _is_bundle(out):
+    if any(out.iterdir()) and RunFolder(out).held_kind() != "bundle":  # an earlier export, the only folder export may replace
         raise DataError(f"{out}: exists and is not a bundle (a run folder or other files); choose an empty or new folder for --out")
     shutil.rmtree(out)
 

@@ -196,7 +196,6 @@ def resize_run(run: str | os.PathLike, image_size: int, out: str | os.PathLike) 
         sized.set_weights(model.get_weights())
     except ValueError as e:
         raise DataError(f"{run.model_file}: this model cannot take {size_text(size)} inputs ({e})") from e
-    out.mkdir(parents=True, exist_ok=True)
     extra = {**cfg.extra, "resized_from": os.path.relpath(run.path.resolve(), out.resolve())}
     target = run.derive(out, image_size=image_size, extra=extra).model_file  # config first: an interrupted copy can be redone here
     partial = target.with_name("partial-" + target.name)  # Keras wants the .keras suffix; renamed once whole

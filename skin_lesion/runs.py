@@ -138,10 +138,13 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
-    def _held_kind(self) -> str:
+    def held_kind(self) -> str:
         """What a non-empty folder holds: a bundle, a run, a mean ensemble or decision layer (from its
         manifest, or for one written before manifests from its metrics), else other files."""
-        manifest = self.manifest()
+        try:
+            manifest = self.manifest()
+        except DataError:  # not valid JSON: judged by its other files
+            manifest = {}
         if "format" in manifest:  # an exported bundle's manifest names its format; a run's never does
             return "bundle"
         if manifest.get("kind"):
@@ -166,7 +169,7 @@ class RunFolder:
             raise DataError(f"{self.path}: is a file; choose a new folder for --out")
         if not self.path.exists() or not any(self.path.iterdir()):
             return
-        held = self._held_kind()
+        held = self.held_kind()
         if held != kind:
             raise DataError(f"{self.path}: already holds a {held.replace('_', ' ')}, not a {kind.replace('_', ' ')}; choose a new folder for --out")
 

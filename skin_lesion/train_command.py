@@ -75,9 +75,8 @@ def warn_resume_ignores(args, cfg) -> None:
     run = RunFolder(cfg.run)
     if not run.config_file.exists():
         return  # train says there is nothing to resume
-    saved, typed = run.config().__dict__, typed_options(args, keep=("run",))
-    if "split_file" in typed:
-        typed["split_file"] = str(Path(typed["split_file"]).resolve())  # as config.json records it
+    saved = run.config().__dict__
+    typed = {k: getattr(cfg, k) for k in typed_options(args, keep=("run",))}  # as train_config read them (--split resolved)
     differ = [f"--{OPTION_FLAGS.get(k, k.replace('_', '-'))} {v} (the run has {'none' if saved[k] is None else saved[k]})"
               for k, v in typed.items() if v != saved[k]]
     if differ:
